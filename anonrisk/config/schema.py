@@ -1,0 +1,120 @@
+"""The run config schema. Every model forbids unknown keys, so a typo is an error that names the key."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Strict):
+    identities: int = Field(150, ge=2, le=1_000_000)
+    images_per_identity: int = Field(10, ge=2, le=10_000)
+    seed: int = 0
+
+
+class SplitConfig(Strict):
+    """Identity-disjoint split: ``test_fraction`` of identities are targets, ``aux_fraction`` belong to the
+    black-box attacker, the rest train the attack."""
+
+    test_fraction: float = Field(0.33, gt=0.0, lt=1.0)
+    aux_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    use_official: bool = False  # CelebA: derive splits from list_eval_partition.txt instead
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    dataset: Literal["synthetic", "celeba", "lfw", "folder"] = "synthetic"
+    root: Optional[str] = None
+    image_size: int = Field(64, ge=16, le=2048)
+    synthetic: SyntheticConfig = SyntheticConfig()
+    split: SplitConfig = SplitConfig()
+    min_images_per_identity: int = Field(2, ge=2)
+    max_identities: Optional[int] = Field(None, ge=2)
+    on_bad_image: Literal["fail", "quarantine"] = "fail"
+
+
+class AnonymizerSpec(Strict):
+    """One anonymizer: ``kind`` is a registered anonymizer, ``name`` labels it in results."""
+
+    name: str
+    kind: str
+    params: dict[str, Any] = {}
+
+
+class AnonymizeConfig(Strict):
+    batch_size: int = Field(32, ge=1)
+    shard_size: int = Field(256, ge=1)
+    seed: int = 0
+    runner: Literal["local", "ray"] = "local"
+    device: str = "auto"
+    ray: dict[str, Any] = {}
+
+
+class AttackConfig(Strict):
+    backbone: str = "resnet18"
+    pretrained: Optional[str] = None  # local weights file (.safetensors or .pt); never a download
+    embed_dim: int = Field(128, ge=8)
+    temperature: float = Field(0.1, gt=0.0, le=10.0)
+    learn_temperature: bool = False
+    batch_size: int = Field(64, ge=2)
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    augment: bool = True
+    checkpoint_every: int = Field(50, ge=1)
+    engine: Literal["torch", "deepspeed"] = "torch"
+    device: str = "auto"
+    seed: int = 0
+    extra: dict[str, Any] = {}  # engine-specific settings
+
+
+class EvaluateConfig(Strict):
+    protocols: list[Literal["full-ref", "few-ref", "single-ref"]] = ["full-ref", "few-ref", "single-ref"]
+    modes: list[Literal["exclude-source", "linkage"]] = ["exclude-source", "linkage"]
+    few_ref_k: int = Field(5, ge=1)
+    pool_size: Union[int, Literal["all"]] = "all"
+    score: Literal["max", "mean"] = "max"
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
+    leakage: bool = True
+    leakage_tolerance: int = Field(2, ge=0, le=20)
+
+    @field_validator("pool_size")
+    @classmethod
+    def _pool(cls, v: Union[int, str]) -> Union[int, str]:
+        if isinstance(v, int) and v < 2:
+            raise ValueError("pool_size must be >= 2 or 'all'")
+        return v
+
+
+class TrackingConfig(Strict):
+    mlflow: bool = True
+    tracking_uri: Optional[str] = None  # default: sqlite database under runs_dir
+    experiment: str = "anonrisk"
+    log_images: bool = False  # anonymized samples only; original faces are never logged
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    seed: int = 0
+    runs_dir: str = "runs"
+    results_dir: str = "results"
+    data: DataConfig = DataConfig()
+    anonymizers: list[Union[str, AnonymizerSpec]] = ["identity"]
+    anonymize: AnonymizeConfig = AnonymizeConfig()
+    attack: AttackConfig = AttackConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    progress: bool = True
+
+    @field_validator("anonymizers")
+    @classmethod
+    def _nonempty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("at least one anonymizer is needed")
+        return v
