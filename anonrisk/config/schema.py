@@ -62,6 +62,10 @@ class AttackConfig(Strict):
     temperature: float = Field(0.1, gt=0.0, le=10.0)
     learn_temperature: bool = False
     batch_size: int = Field(64, ge=2)
+    # "pair": an anonymized image's only positive is its own original (the paper's attack);
+    # "identity": every original of the same identity is a positive (the attacker knows its training ids)
+    positives: Literal["pair", "identity"] = "identity"
+    per_identity: int = Field(2, ge=1)  # images per identity in a batch (1 keeps identities unique)
     steps: int = Field(200, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)

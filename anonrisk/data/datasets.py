@@ -104,7 +104,7 @@ def synthetic_items(cfg: DataConfig, out_dir: Path, progress: bool) -> list[RawI
     s = cfg.synthetic
     items = []
     todo = [(i, j) for i in range(s.identities) for j in range(s.images_per_identity)]
-    for i, j in tqdm(todo, desc="render synthetic", disable=not progress, leave=False):
+    for i, j in tqdm(todo, desc="render synthetic", disable=None if progress else True, leave=False):
         path = out_dir / f"id{i:05d}" / f"{j:03d}.png"
         if not path.exists():
             save_image(path, render_image(s.seed, i, j, cfg.image_size))
@@ -149,7 +149,7 @@ def prepare(cfg: DataConfig, runs_dir: str, progress: bool = True) -> tuple[Stag
         items = DATASETS.get(cfg.dataset, "data.dataset")(_require_root(cfg))
         bad = []
         good = []
-        for it in tqdm(items, desc=f"check {cfg.dataset} images", disable=not progress, leave=False):
+        for it in tqdm(items, desc=f"check {cfg.dataset} images", disable=None if progress else True, leave=False):
             reason = is_readable(it.path)
             if reason is None:
                 good.append(it)

@@ -1,0 +1,5 @@
+import sys
+
+from anonrisk.cli import main
+
+sys.exit(main())

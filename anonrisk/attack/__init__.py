@@ -1,0 +1,1 @@
+"""Re-identification attacks: the contrastive encoder, its loss and its training engines."""

@@ -1,0 +1,60 @@
+"""The attack encoder: a timm backbone without classifier plus a projection head; unit-norm embeddings.
+
+Weights come from a local file (``.safetensors``, or a ``.pt``/``.pth`` state dict read with
+``weights_only=True``) or random initialisation; never a download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anonrisk.errors import ConfigError
+
+MEAN, STD = 0.5, 0.25
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"attack.pretrained: weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
+
+
+class Encoder(nn.Module):
+    def __init__(self, backbone: str = "resnet18", embed_dim: int = 128, pretrained: Optional[str] = None):
+        super().__init__()
+        import timm
+
+        try:
+            self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+        except RuntimeError as exc:  # timm: "Unknown model (...)"
+            raise ConfigError(f"attack.backbone: {exc}; see timm.list_models()") from None
+        if pretrained:
+            missing, unexpected = self.backbone.load_state_dict(load_state_dict(pretrained), strict=False)
+            if len(missing) > len(self.backbone.state_dict()) // 2:
+                raise ConfigError(f"attack.pretrained: {pretrained} does not fit {backbone} ({len(missing)} keys missing)")
+        width = self.backbone.num_features
+        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, embed_dim))
+
+    @staticmethod
+    def preprocess(images_uint8: torch.Tensor) -> torch.Tensor:
+        """(N,H,W,3) or (N,3,H,W) uint8 -> normalised float (N,3,H,W)."""
+        x = images_uint8
+        if x.shape[-1] == 3:
+            x = x.permute(0, 3, 1, 2)
+        return (x.float() / 255.0 - MEAN) / STD
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)), dim=-1)

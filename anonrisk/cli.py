@@ -1,0 +1,145 @@
+"""``anonrisk``: the command line. Heavy libraries are imported inside the commands, so --help is instant.
+
+Every user-facing failure is an ``AnonriskError``: printed as one clear message, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+STAGES = ("prepare", "anonymize", "train", "evaluate", "report")
+
+
+def _load(args):
+    from anonrisk.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _select(pipe, names):
+    specs = pipe.cfg.anonymizers
+    if names:
+        known = {s.name for s in specs}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            from anonrisk.errors import ConfigError
+
+            raise ConfigError(f"--only: unknown anonymizer(s) {', '.join(unknown)}; in this config: {', '.join(sorted(known))}")
+        specs = [s for s in specs if s.name in names]
+    return specs
+
+
+def cmd_run(args) -> int:
+    from anonrisk.pipeline import Pipeline
+
+    doc = Pipeline(_load(args)).run(args.only)
+    print(doc["table"])
+    print(f"results: {doc['results_dir']}/ (metrics.json, report.md, plots/)")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from anonrisk.pipeline import Pipeline
+
+    pipe = Pipeline(_load(args))
+    if args.command == "prepare":
+        stage = pipe.prepare()
+        print(f"prepare: {stage.path} ({len(pipe.records)} records)")
+        return 0
+    if args.command == "report":
+        missing = [s.name for s in pipe.cfg.anonymizers if not pipe.evaluate_stage(s).is_done()]
+        if missing:
+            from anonrisk.errors import AnonriskError
+
+            raise AnonriskError(f"report: no finished evaluation for {', '.join(missing)}; run `anonrisk evaluate` (or `anonrisk run`) first")
+        doc = pipe.run()
+        print(doc["table"])
+        return 0
+    pipe.validate_anonymizers()
+    for spec in _select(pipe, args.only):
+        if args.command == "anonymize":
+            print(f"anonymize {spec.name}: {pipe.anonymize(spec).path}")
+        elif args.command == "train":
+            print(f"train {spec.name}: {pipe.train(spec).path}")
+        else:
+            m = pipe.evaluate(spec)
+            top1 = next(iter(m["protocols"].values()))["top1"]["value"]
+            print(f"evaluate {spec.name}: {pipe.evaluate_stage(spec).path} (top-1 {top1:.3f})")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    import yaml
+
+    from anonrisk.pipeline import Pipeline
+
+    cfg = _load(args)
+    Pipeline(cfg).validate_anonymizers()
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    print(f"# valid: {args.config or '<defaults>'}", file=sys.stderr)
+    return 0
+
+
+def cmd_ls(args) -> int:
+    runs = Path(args.runs_dir)
+    if not runs.is_dir():
+        print(f"no runs under {runs}/")
+        return 0
+    for stage in ("prepare", "anonymize", "train", "evaluate"):
+        for marker in sorted((runs / stage).glob("**/config.json")):
+            d = marker.parent
+            status = "done" if (d / "DONE").exists() else "partial"
+            print(f"{stage:10s} {status:8s} {d.relative_to(runs)}")
+    results = Path(args.results_dir)
+    for m in sorted(results.glob("*/metrics.json")):
+        print(f"{'results':10s} {'':8s} {m.parent}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anonrisk", description="Measure how much identity survives image anonymization.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("config", nargs="?", help="YAML config (e.g. configs/quickstart.yaml)")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. attack.backbone=resnet18 anonymizers=[identity,blur]")
+        return sp
+
+    r = with_config(sub.add_parser("run", help="prepare, anonymize, train, evaluate and report"))
+    r.add_argument("--only", nargs="+", metavar="NAME", help="only these anonymizers")
+    r.set_defaults(fn=cmd_run)
+    for stage in STAGES:
+        sp = with_config(sub.add_parser(stage, help=f"run the {stage} stage (and what it needs)"))
+        sp.add_argument("--only", nargs="+", metavar="NAME", help="only these anonymizers")
+        sp.set_defaults(fn=cmd_stage)
+    with_config(sub.add_parser("validate", help="check a config and print it resolved")).set_defaults(fn=cmd_validate)
+    ls = sub.add_parser("ls", help="list stage directories and results")
+    ls.add_argument("--runs-dir", default="runs")
+    ls.add_argument("--results-dir", default="results")
+    ls.set_defaults(fn=cmd_ls)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from anonrisk.errors import AnonriskError
+
+    try:
+        return args.fn(args)
+    except AnonriskError as exc:
+        if args.verbose:
+            raise
+        print(f"anonrisk: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anonrisk: interrupted; finished shards and checkpoints are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Protocols, metrics, leakage: every attack's similarity matrix is scored the same way."""

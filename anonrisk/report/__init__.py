@@ -1,0 +1,1 @@
+"""Results: versioned JSON (the source of truth), markdown tables and PNG plots."""
