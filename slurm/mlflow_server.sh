@@ -39,8 +39,8 @@ port_in_use() {
   return 1
 }
 free_port() {
-  local p i
-  for i in $(seq 1 500); do
+  local p
+  for _ in $(seq 1 500); do
     p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
     port_in_use "$p" || { echo "$p"; return 0; }
   done
@@ -59,7 +59,7 @@ http_ok() { # URL: 2xx? curl if present, else a bare HTTP/1.0 GET through bash's
 }
 
 cmd_down() {
-  local pid i
+  local pid
   [[ -s "$DIR/mlflow.pid" ]] || { log "nothing recorded under $DIR"; return 0; }
   pid=$(cat "$DIR/mlflow.pid")
   # The server was started with setsid: it leads its own process group, which holds its workers.
@@ -69,11 +69,11 @@ cmd_down() {
       rm -f "$DIR/mlflow.pid"; return 0
     fi
     kill -TERM -- "-$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do group_alive "$pid" || break; sleep 0.1; done
+    for _ in $(seq 1 100); do group_alive "$pid" || break; sleep 0.1; done
     if group_alive "$pid"; then
       echo "mlflow_server.sh: process group $pid ignored SIGTERM for 10 s; sending SIGKILL" >&2
       kill -KILL -- "-$pid" 2>/dev/null || true
-      for i in $(seq 1 50); do group_alive "$pid" || break; sleep 0.1; done
+      for _ in $(seq 1 50); do group_alive "$pid" || break; sleep 0.1; done
       group_alive "$pid" && die "process group $pid still alive after SIGKILL"
     fi
   fi
