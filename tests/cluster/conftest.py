@@ -163,18 +163,14 @@ class SlurmCluster:
 
 
 def _ensure_slurm_installed() -> None:
-    need = ("slurmctld", "slurmd", "sbatch", "sacct", "munged", "slurmdbd", "mariadbd")
-    path = "/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")
-    if all(shutil.which(b, path=path) for b in need):
-        return
-    if os.geteuid() != 0:
-        pytest.fail("Slurm/munge/MariaDB are not installed and this is not root: "
-                    f"run `sudo {CLUSTER_SH} install` first", pytrace=False)
+    """`cluster.sh install`: a quick no-op when every binary is there; apt-get otherwise (root only)."""
     t = time.monotonic()
     out = _run(["bash", str(CLUSTER_SH), "install"], timeout=900)
     if out.returncode != 0:
-        pytest.fail(f"cluster.sh install failed (rc {out.returncode}):\n{out.stdout}\n{out.stderr}", pytrace=False)
-    record_timing("slurm: apt install", time.monotonic() - t)
+        pytest.fail(f"cluster.sh install failed (rc {out.returncode}); Slurm, munge and MariaDB are needed and "
+                    f"installing them needs root:\n{out.stdout}\n{out.stderr}", pytrace=False)
+    if "installing" in out.stdout:
+        record_timing("slurm: apt install", time.monotonic() - t)
 
 
 def _check_stopped(pids: Dict[str, int], what: str) -> None:
