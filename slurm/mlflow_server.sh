@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# A real MLflow tracking server on 127.0.0.1, everything under one directory.
+#
+#   slurm/mlflow_server.sh up DIR [PORT]   start it (sqlite DIR/mlflow.db, artifacts DIR/artifacts), wait for
+#                                          /health, write DIR/mlflow.env (MLFLOW_TRACKING_URI=http://...)
+#   slurm/mlflow_server.sh down DIR        stop it by the PID recorded in DIR/mlflow.pid (its process group)
+#
+# The mlflow executable is $MLFLOW_BIN, else `mlflow` on PATH. `up` on a DIR with a running server
+# stops it first. Lean settings (REAL_SERVICES.md): --workers 1 and MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+# give 2 processes and about 500 MB instead of 13 processes and about 3 GB.
+set -euo pipefail
+
+T0=$(date +%s.%N)
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }'; }
+log() { printf '[mlflow_server.sh %6ss] %s\n' "$(elapsed "$T0")" "$*"; }
+die() { echo "mlflow_server.sh: error: $*" >&2; exit 1; }
+HEALTH_TIMEOUT="${ANONRISK_MLFLOW_UP_TIMEOUT:-90}"
+
+alive() { # gone or zombie = not alive
+  local st
+  st=$(ps -o stat= -p "$1" 2>/dev/null | tr -d ' ') || return 1
+  [[ -n "$st" && "$st" != Z* ]]
+}
+owned() {
+  [[ -r /proc/$1/environ ]] || return 1
+  tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null | grep -qxF "ANONRISK_MLFLOW_DAEMON_OF=$DIR"
+}
+group_alive() { # any live, non-zombie member of process group $1
+  local p
+  for p in $(ps -eo pid=,pgid= | awk -v g="$1" '$2 == g { print $1 }'); do alive "$p" && return 0; done
+  return 1
+}
+port_in_use() {
+  local p=$1
+  if command -v ss >/dev/null 2>&1; then
+    ss -Hltn 2>/dev/null | awk '{print $4}' | grep -qE "[:.]$p\$" && return 0
+  fi
+  (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && return 0
+  return 1
+}
+free_port() {
+  local p
+  for _ in $(seq 1 500); do
+    p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
+    port_in_use "$p" || { echo "$p"; return 0; }
+  done
+  die "no free port found"
+}
+
+http_ok() { # URL: 2xx? curl if present, else a bare HTTP/1.0 GET through bash's /dev/tcp
+  if command -v curl >/dev/null 2>&1; then curl -fsS -m 2 "$1" >/dev/null 2>&1; return; fi
+  local rest=${1#http://} hostport path line
+  hostport=${rest%%/*}; path=/${rest#*/}
+  exec 3<>"/dev/tcp/${hostport%:*}/${hostport#*:}" 2>/dev/null || return 1
+  printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$hostport" >&3
+  IFS= read -r -t 2 line <&3 || line=""
+  exec 3<&- 3>&-
+  [[ "$line" =~ ^HTTP/[0-9.]+\ 2 ]]
+}
+
+cmd_down() {
+  local pid
+  [[ -s "$DIR/mlflow.pid" ]] || { log "nothing recorded under $DIR"; return 0; }
+  pid=$(cat "$DIR/mlflow.pid")
+  # The server was started with setsid: it leads its own process group, which holds its workers.
+  if group_alive "$pid"; then
+    if alive "$pid" && ! owned "$pid"; then
+      echo "mlflow_server.sh: pid $pid is alive but not ours (stale pidfile?); leaving it alone" >&2
+      rm -f "$DIR/mlflow.pid"; return 0
+    fi
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do group_alive "$pid" || break; sleep 0.1; done
+    if group_alive "$pid"; then
+      echo "mlflow_server.sh: process group $pid ignored SIGTERM for 10 s; sending SIGKILL" >&2
+      kill -KILL -- "-$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do group_alive "$pid" || break; sleep 0.1; done
+      group_alive "$pid" && die "process group $pid still alive after SIGKILL"
+    fi
+  fi
+  rm -f "$DIR/mlflow.pid"
+  log "down ($DIR)"
+}
+
+cmd_up() {
+  local port=${1:-}
+  local bin=${MLFLOW_BIN:-mlflow}
+  command -v "$bin" >/dev/null 2>&1 || die "mlflow not found ('$bin'); set MLFLOW_BIN"
+  mkdir -p "$DIR"
+  DIR=$(cd "$DIR" && pwd -P)
+  [[ -s "$DIR/mlflow.pid" ]] && { log "existing server dir: stopping the recorded server first"; cmd_down; }
+  mkdir -p "$DIR/artifacts"
+  if [[ -z "$port" && -f "$DIR/mlflow.env" ]]; then # keep the URI stable across restarts when possible
+    port=$(sed -n 's|^export MLFLOW_TRACKING_URI=http://127.0.0.1:\([0-9]*\)$|\1|p' "$DIR/mlflow.env")
+    [[ -n "$port" ]] && port_in_use "$port" && port=""
+  fi
+  if [[ -z "$port" ]]; then port=$(free_port); fi
+  port_in_use "$port" && die "port $port is in use"
+  local uri="http://127.0.0.1:$port"
+  ANONRISK_MLFLOW_DAEMON_OF="$DIR" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_DISABLE_TELEMETRY=true \
+    setsid "$bin" server \
+    --backend-store-uri "sqlite:///$DIR/mlflow.db" \
+    --artifacts-destination "$DIR/artifacts" \
+    --host 127.0.0.1 --port "$port" --workers 1 \
+    </dev/null >>"$DIR/mlflow.log" 2>&1 &
+  local pid=$!
+  echo "$pid" >"$DIR/mlflow.pid"
+  local start; start=$(date +%s.%N)
+  until http_ok "$uri/health"; do
+    if ! alive "$pid"; then tail -30 "$DIR/mlflow.log" >&2; die "mlflow server (pid $pid) exited"; fi
+    if awk -v a="$start" -v b="$(date +%s.%N)" -v t="$HEALTH_TIMEOUT" 'BEGIN { exit !(b - a > t) }'; then
+      tail -30 "$DIR/mlflow.log" >&2; cmd_down || true; die "no /health from $uri after ${HEALTH_TIMEOUT}s"
+    fi
+    sleep 0.25
+  done
+  {
+    echo "# Generated by slurm/mlflow_server.sh up: source me to log to this server."
+    echo "export MLFLOW_TRACKING_URI=$uri"
+    echo "export MLFLOW_DISABLE_TELEMETRY=true"
+  } >"$DIR/mlflow.env"
+  log "mlflow server up (pid $pid, $uri, $(elapsed "$T0")s): source $DIR/mlflow.env"
+}
+
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[[ $# -ge 2 ]] || usage
+DIR=$2
+case "$1" in
+  up) [[ $# -le 3 ]] || usage; cmd_up "${3:-}" ;;
+  down) [[ $# -eq 2 ]] || usage; [[ -d "$DIR" ]] || exit 0; DIR=$(cd "$DIR" && pwd -P); cmd_down ;;
+  *) usage ;;
+esac
