@@ -107,22 +107,27 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 
 @ANONYMIZERS.register("resynth")
 class StructureResynthesis(Anonymizer):
-    """Keep the edge map, redraw the rest: each region between edges gets a random colour from the record's
-    seed, plus low-frequency shading and fine texture; the edges are drawn in a random ink.
+    """Keep the edge map and the shading order, redraw colour and texture: every region between edges is
+    repainted from a random colour ramp indexed by the region's mean luminance (what a depth/edge-conditioned
+    generator keeps), then new lighting and fine texture are added and the edges drawn in a random ink.
     ``edge_sigma`` sets how much structure survives (larger = only coarse edges)."""
 
-    def __init__(self, edge_sigma: float = 1.0, texture: float = 12.0, shading: float = 0.35, draw_edges: bool = True):
+    def __init__(self, edge_sigma: float = 1.0, texture: float = 10.0, shading: float = 0.3, draw_edges: bool = True):
         super().__init__(edge_sigma=edge_sigma, texture=texture, shading=shading, draw_edges=draw_edges)
 
     def _one(self, image: np.ndarray, seed: int) -> np.ndarray:
         p = self.params
         rng = np.random.default_rng(seed)
         h, w, _ = image.shape
-        edges = edge_map(to_gray(image), p["edge_sigma"])
+        gray = to_gray(image)
+        edges = edge_map(gray, p["edge_sigma"])
         regions, n = ndimage.label(~edges)
-        palette = rng.uniform(0, 255, size=(n + 1, 3))
-        out = palette[regions]
-        # shading: a random smooth field (a new "lighting"), texture: fine noise (a new "material")
+        lum = np.asarray(ndimage.mean(gray, regions, index=np.arange(n + 1)))
+        lum = np.nan_to_num(lum, nan=0.5)
+        # a random ramp of three colours: dark, middle and bright tones of a new "style"
+        stops = np.sort(rng.uniform(0, 255, size=(3, 3)), axis=0)[:, rng.permutation(3)]
+        ramp = np.stack([np.interp(lum, [0.0, 0.5, 1.0], stops[:, c]) for c in range(3)], axis=1)
+        out = ramp[regions]
         coarse = rng.normal(size=(4, 4, 1))
         shade = ndimage.zoom(coarse, (h / 4, w / 4, 1), order=1)[:h, :w]
         out = out * (1.0 + p["shading"] * np.tanh(shade)) + rng.normal(0, p["texture"], size=out.shape)

@@ -2,7 +2,7 @@
 
 An identity is a vector of shape parameters (face outline, eye spacing and size, brows, nose, mouth,
 hairline); every image of it redraws those shapes under per-image nuisance (pose, expression, lighting,
-background, skin/hair colour, sensor noise). Colour carries no identity, geometry does, so an attack has
+background, colour jitter, sensor noise). Geometry and skin/hair tone carry the identity, so an attack has
 something real to find and an anonymizer that keeps edges leaks it. Deterministic from the seed.
 """
 
@@ -19,6 +19,8 @@ IDENTITY_PARAMS = [
     ("nose_len", 0.06, 0.15), ("nose_w", 0.025, 0.07),
     ("mouth_y", 0.64, 0.76), ("mouth_w", 0.07, 0.17), ("mouth_curve", -0.03, 0.03),
     ("hair_y", 0.10, 0.26), ("hair_peak", -0.06, 0.08), ("ear", 0.0, 0.06),
+    # tones (0-255), not fractions
+    ("skin_r", 90, 250), ("skin_g", 60, 210), ("skin_b", 40, 190), ("hair_r", 0, 140), ("hair_g", 0, 120), ("hair_b", 0, 120),
 ]
 
 
@@ -32,8 +34,9 @@ def render_face(params: dict[str, float], size: int, rng: np.random.Generator) -
     S = size * 3  # draw at 3x and downsample: anti-aliased, sub-pixel geometry survives
     p = params
     bg = tuple(int(c) for c in rng.uniform(0, 255, 3))
-    skin = np.array([rng.uniform(90, 250), rng.uniform(60, 210), rng.uniform(40, 190)])
-    hair = tuple(int(c) for c in rng.uniform(0, 120, 3))
+    # skin and hair tone belong to the identity (as in real faces); each image jitters them (white balance)
+    skin = np.clip(np.array([p["skin_r"], p["skin_g"], p["skin_b"]]) + rng.normal(0, 12, 3), 0, 255)
+    hair = tuple(int(c) for c in np.clip(np.array([p["hair_r"], p["hair_g"], p["hair_b"]]) + rng.normal(0, 12, 3), 0, 255))
     ink = tuple(int(c) for c in rng.uniform(0, 60, 3))
     smile = rng.normal(0, 0.012)  # expression
     blink = float(np.clip(rng.normal(1.0, 0.15), 0.5, 1.3))
