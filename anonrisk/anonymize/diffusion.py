@@ -663,6 +663,7 @@ class DiffusionAnonymizer(Anonymizer):
         decoded = m.vae.decode((latents / m.vae.config.scaling_factor).to(dt)).sample.float()
         finite = torch.isfinite(decoded).flatten(1).all(1) & torch.isfinite(latents).flatten(1).all(1)
         out = ((decoded.nan_to_num(0.0) + 1) / 2).clamp(0, 1)
+        out = torch.where(finite.view(-1, 1, 1, 1), out, torch.zeros_like(out))  # a broken record is black, not gray
         black = out.flatten(1).amax(1) * 255.0 < p.guard.black_level
         out = _resize(out, H, W).clamp(0, 1)
         if p.mode == "inpaint" and p.paste_back:

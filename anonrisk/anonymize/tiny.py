@@ -233,6 +233,11 @@ def save_random_model(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(path, safe_serialization=True)
+    # the scheduler file as SD 1.5 ships it (a saved scheduler object would add its class's defaults,
+    # e.g. timestep_spacing, which other scheduler classes then inherit through from_config)
+    (path / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "PNDMScheduler", **SD_SCHEDULER, "skip_prk_steps": True}, indent=2) + "\n"
+    )
     seeds = controlnet_seeds or [controlnet_seed(seed, k) for k in range(controlnets)]
     out: dict[str, Any] = {"model": str(path), "controlnets": []}
     for k, s in enumerate(seeds):
