@@ -227,6 +227,25 @@ def test_bad_params_name_the_key():
         canny(mode="inpaint", mask={"kind": "detector"}).validate()
 
 
+def test_inpaint_with_a_plain_unet_blends_the_original_back(tmp_path, faces):
+    from anonrisk.anonymize.tiny import save_random_model
+
+    paths = save_random_model(tmp_path / "plain", "tiny", controlnets=1)
+    a = ready(canny(model=paths["model"], controlnets=paths["controlnets"], mode="inpaint",
+                    mask={"kind": "box", "box": [0.25, 0.25, 0.75, 0.75], "feather": 0.0}))
+    assert a.m.unet_in == 4
+    out = a(faces[:2], [1, 2]).astype(int)
+    assert np.array_equal(out[:, :12], faces[:2, :12]) and np.array_equal(out[:, -12:], faces[:2, -12:])
+    assert np.abs(out[:, 20:44, 20:44] - faces[:2, 20:44, 20:44]).mean() > 5
+
+
+def test_bad_guidance_and_strength_name_the_key():
+    with pytest.raises(ConfigError, match=r"params\.guidance_scale"):
+        canny(guidance_scale="high")
+    with pytest.raises(ConfigError, match=r"params\.strength: 0\.1 x 3 steps leaves no denoising step"):
+        canny(mode="img2img", strength=0.1).validate()
+
+
 def test_inpainting_model_needs_inpaint_mode(tmp_path):
     from anonrisk.anonymize.tiny import save_random_model
 

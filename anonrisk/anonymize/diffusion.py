@@ -114,7 +114,8 @@ def parse_params(model: type[BaseModel], params: dict[str, Any], kind: str) -> A
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, str) or not p.startswith(("str", "list[", "dict[")))
+            tags = {"str", "int", "float", "bool"}
+            loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and (p in tags or "[" in p)))
             if err["type"] == "missing":
                 lines.append(f"params.{loc}: required")
             elif err["type"] == "extra_forbidden":
@@ -338,6 +339,8 @@ class DiffusionAnonymizer(Anonymizer):
             check_annotator(cond, i, p.annotator_weights)
         if p.mode == "inpaint":
             self._validate_mask()
+        if p.mode != "txt2img" and int(p.steps * p.strength) < 1:
+            raise ConfigError(f"params.strength: {p.strength} x {p.steps} steps leaves no denoising step")
         self._validate_extra()
         self._validated = True
 
@@ -645,8 +648,6 @@ class DiffusionAnonymizer(Anonymizer):
             timesteps = timesteps[t_start * sched.order:]
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(t_start * sched.order)
-            if len(timesteps) == 0:
-                raise ConfigError(f"params.strength: {p.strength} x {p.steps} steps leaves no denoising step")
             latents = sched.add_noise(st.img_lat, noise, timesteps[:1].repeat(n))
         else:
             latents = noise * sched.init_noise_sigma
