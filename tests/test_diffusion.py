@@ -337,6 +337,23 @@ def test_masks():
     assert box[0, :, :32].all() and not box[0, :, 32:].any()
 
 
+def test_detector_mask_draws_an_ellipse_per_face_and_falls_back(faces):
+    class FakeCascade:  # stands in for cv2.CascadeClassifier (the real one needs a cascade XML file)
+        def __init__(self, boxes):
+            self.boxes = boxes
+
+        def detectMultiScale(self, gray, *args):
+            assert gray.ndim == 2
+            return self.boxes
+
+    a = canny(mode="inpaint", mask={"kind": "detector", "margin": 0.0, "feather": 0.0, "fallback": "full"})
+    a._cascade = FakeCascade([(0, 0, 32, 32)])  # one face in the top-left quadrant
+    m = a.make_masks(faces[:1])
+    assert m[0, 16, 16] == 1 and m[0, 48, 48] == 0 and m[0, :32, :32].mean() > 0.7
+    a._cascade = FakeCascade(())
+    assert a.make_masks(faces[:1]).min() == 1  # nothing found: the fallback region
+
+
 def test_mask_file(tmp_path, faces):
     from PIL import Image
 
