@@ -1,6 +1,7 @@
 """Anonymizers behind one contract (``base.Anonymizer``) and the stage that runs them over a manifest."""
 
 from anonrisk.anonymize import classical  # noqa: F401  (registers the built-in kinds)
+from anonrisk.anonymize import diffusion  # noqa: F401
 from anonrisk.anonymize.base import ANONYMIZERS, Anonymizer, check_batch
 
 
