@@ -40,13 +40,16 @@ def test_known_answers(quickstart):
     chance = top1(doc, "noise")["chance"]
     assert top1(doc, "identity", "full-ref/linkage")["value"] >= 0.95
     noise = top1(doc, "noise")
-    assert noise["ci95"][0] <= chance <= noise["ci95"][1], noise
+    lo, hi = noise["chance_ci95"]  # what a chance-level attacker scores on as many probes, 95 % of the time
+    assert lo <= noise["value"] <= hi, noise
     ident = top1(doc, "identity")["value"]
     for name in ("blur", "pixelate"):
         v = top1(doc, name)["value"]
         assert noise["value"] < v < ident, (name, v)
     resynth = top1(doc, "resynth")
-    assert resynth["value"] >= 5 * chance and resynth["ci95"][0] > noise["ci95"][1], resynth
+    assert resynth["value"] >= 5 * chance and resynth["ci95"][0] > noise["ci95"][1] + 0.2, resynth
+    # the mechanism: resynthesis keeps edges (leakage) where noise does not
+    assert doc["results"]["resynth"]["leakage"]["edge_ssim"] > doc["results"]["noise"]["leakage"]["edge_ssim"] + 0.2
 
 
 @pytest.mark.slow

@@ -122,8 +122,7 @@ class StructureResynthesis(Anonymizer):
         gray = to_gray(image)
         edges = edge_map(gray, p["edge_sigma"])
         regions, n = ndimage.label(~edges)
-        lum = np.asarray(ndimage.mean(gray, regions, index=np.arange(n + 1)))
-        lum = np.nan_to_num(lum, nan=0.5)
+        lum = np.concatenate([[0.5], ndimage.mean(gray, regions, index=np.arange(1, n + 1))]) if n else np.full(1, 0.5)
         # a random ramp of three colours: dark, middle and bright tones of a new "style"
         stops = np.sort(rng.uniform(0, 255, size=(3, 3)), axis=0)[:, rng.permutation(3)]
         ramp = np.stack([np.interp(lum, [0.0, 0.5, 1.0], stops[:, c]) for c in range(3)], axis=1)

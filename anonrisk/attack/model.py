@@ -32,13 +32,31 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+INPUT_CHANNELS = {"rgb": 3, "edges": 1, "rgb+edges": 4}
+
+
+def sobel_edges(x: torch.Tensor) -> torch.Tensor:
+    """Gradient magnitude of the mean channel, each image scaled to unit mean: a colour-free view of the
+    structure that conditioned generators keep."""
+    gray = x.mean(1, keepdim=True)
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device, dtype=x.dtype)
+    gx = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), k.view(1, 1, 3, 3))
+    gy = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), k.t().reshape(1, 1, 3, 3))
+    mag = torch.sqrt(gx * gx + gy * gy + 1e-6)
+    return mag / (mag.mean(dim=(2, 3), keepdim=True) + 1e-6) - 1.0
+
+
 class Encoder(nn.Module):
-    def __init__(self, backbone: str = "resnet18", embed_dim: int = 128, pretrained: Optional[str] = None):
+    """``input`` picks what the backbone sees: the image (``rgb``, the paper's attack), its Sobel edge map
+    (``edges``), or both (``rgb+edges``)."""
+
+    def __init__(self, backbone: str = "resnet18", embed_dim: int = 128, pretrained: Optional[str] = None, input: str = "rgb"):
         super().__init__()
         import timm
 
+        self.input = input
         try:
-            self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+            self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=INPUT_CHANNELS[input])
         except RuntimeError as exc:  # timm: "Unknown model (...)"
             raise ConfigError(f"attack.backbone: {exc}; see timm.list_models()") from None
         if pretrained:
@@ -57,4 +75,8 @@ class Encoder(nn.Module):
         return (x.float() / 255.0 - MEAN) / STD
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input == "edges":
+            x = sobel_edges(x)
+        elif self.input == "rgb+edges":
+            x = torch.cat([x, sobel_edges(x)], dim=1)
         return F.normalize(self.head(self.backbone(x)), dim=-1)

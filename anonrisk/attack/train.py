@@ -69,7 +69,7 @@ class StopFlag:
 
 def build_model(cfg: AttackConfig) -> tuple[Encoder, torch.Tensor]:
     torch.manual_seed(cfg.seed)
-    model = Encoder(cfg.backbone, cfg.embed_dim, cfg.pretrained)
+    model = Encoder(cfg.backbone, cfg.embed_dim, cfg.pretrained, cfg.input)
     log_t = torch.nn.Parameter(torch.tensor(math.log(cfg.temperature)), requires_grad=cfg.learn_temperature)
     return model, log_t
 
@@ -152,6 +152,6 @@ def train_attack(
 def load_encoder(cfg: AttackConfig, weights: str | Path, device: str = "cpu") -> Encoder:
     from safetensors.torch import load_file
 
-    model = Encoder(cfg.backbone, cfg.embed_dim)
+    model = Encoder(cfg.backbone, cfg.embed_dim, input=cfg.input)
     model.load_state_dict(load_file(str(weights)))
     return model.to(device).eval()

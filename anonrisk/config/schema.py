@@ -59,6 +59,7 @@ class AttackConfig(Strict):
     backbone: str = "resnet18"
     pretrained: Optional[str] = None  # local weights file (.safetensors or .pt); never a download
     embed_dim: int = Field(128, ge=8)
+    input: Literal["rgb", "edges", "rgb+edges"] = "rgb"  # what the backbone sees (edges: a fixed Sobel front end)
     temperature: float = Field(0.1, gt=0.0, le=10.0)
     learn_temperature: bool = False
     batch_size: int = Field(64, ge=2)

@@ -20,6 +20,14 @@ def normalized(acc: float, ch: float) -> float:
     return (acc - ch) / (1 - ch) if ch < 1 else 0.0
 
 
+def chance_interval(pool: int, k: int, n_probes: int) -> tuple[float, float]:
+    """Central 95 % interval of the accuracy a chance-level attacker gets on ``n_probes`` probes."""
+    from scipy.stats import binom
+
+    p = chance(pool, k)
+    return float(binom.ppf(0.025, n_probes, p) / n_probes), float(binom.ppf(0.975, n_probes, p) / n_probes)
+
+
 def bootstrap_ci(per_probe: np.ndarray, groups: np.ndarray, reps: int, seed: int) -> tuple[float, float]:
     """95 % percentile interval of the mean, resampling whole identities with replacement."""
     if reps <= 0:
@@ -44,4 +52,6 @@ def summarize(result: ProtocolResult, bootstrap: int = 1000, seed: int = 0) -> d
         lo, hi = bootstrap_ci(values, result.probe_identity, bootstrap, seed)
         out[name] = {"value": value, "ci95": [lo, hi], "chance": chances[name]}
         out[name]["normalized"] = normalized(value, chances[name])
+        if name in ("top1", "top5"):
+            out[name]["chance_ci95"] = list(chance_interval(result.pool, 1 if name == "top1" else 5, len(r)))
     return out
