@@ -31,7 +31,8 @@ def fmt(m: dict | None, key: str = "top1") -> str:
 
 def markdown_table(results: dict[str, Any]) -> str:
     any_res = next(iter(results.values()))
-    keys = list(any_res["protocols"])
+    order = {"full-ref": 0, "few-ref": 1, "single-ref": 2, "exclude-source": 0, "linkage": 1}
+    keys = sorted(any_res["protocols"], key=lambda k: tuple(order.get(part, 9) for part in k.split("/")))
     pool = any_res["protocols"][keys[0]]["pool"]
     head = ["anonymizer", "top-1 (full-ref, excl.)", "top-5", "MRR", "norm. top-1"]
     head += [f"top-1 {k}" for k in keys if k != MAIN] + ["edge F", "chamfer"]
