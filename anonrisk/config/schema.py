@@ -50,9 +50,8 @@ class AnonymizeConfig(Strict):
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(256, ge=1)
     seed: int = 0
-    runner: Literal["local", "ray"] = "local"
+    runner: Literal["local"] = "local"  # the Ray runner (issue 5) adds "ray"
     device: str = "auto"
-    ray: dict[str, Any] = {}
 
 
 class AttackConfig(Strict):
