@@ -57,12 +57,22 @@ def test_pool_size_restricts_candidates_and_chance():
     assert m["pool"] == 10 and m["n_probes"] == 30 and m["top1"]["chance"] == 0.1
 
 
-def test_few_ref_uses_k_references():
-    """Only the 1st reference (in the seeded order) of the true identity is similar: full-ref finds it,
-    single-ref exclude-source finds it only when it is the chosen one."""
-    recs = records(10, 5)
-    out_full = score(np.random.default_rng(1).random((50, 50)) * 0.1, recs, protocols=["full-ref", "single-ref"])
-    assert set(out_full) == {"full-ref/exclude-source", "full-ref/linkage", "single-ref/exclude-source", "single-ref/linkage"}
+def test_reference_count_decides_whether_the_one_telling_image_is_seen():
+    """Only image 4 of each identity resembles the others. Full-ref (and few-ref with k = 4, all non-source
+    images) always has it among the references unless it is the probe's own source; single-ref has it
+    with probability 1/4."""
+    recs = records(40, 5)
+    rng = np.random.default_rng(0)
+    sim = 0.01 * rng.random((200, 200))
+    for p in range(200):
+        ident, j = divmod(p, 5)
+        if j != 4:
+            sim[p, ident * 5 + 4] = 1.0
+    out = score(sim, recs, protocols=["full-ref", "few-ref", "single-ref"], modes=["exclude-source"], few_ref_k=4)
+    full = out["full-ref/exclude-source"]["top1"]["value"]
+    assert full >= 0.8
+    assert out["few-ref/exclude-source"]["top1"]["value"] == full
+    assert 0.1 < out["single-ref/exclude-source"]["top1"]["value"] < 0.45
 
 
 def test_bootstrap_interval_resamples_identities():
