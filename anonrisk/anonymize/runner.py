@@ -18,7 +18,7 @@ from anonrisk.anonymize.base import Anonymizer
 from anonrisk.config.schema import AnonymizeConfig, AnonymizerSpec
 from anonrisk.data.io import load_batch, save_image
 from anonrisk.data.records import FaceRecord, write_manifest
-from anonrisk.stages import StageDir, fingerprint, read_json, record_seed, write_json
+from anonrisk.stages import StageDir, fingerprint, record_seed, write_json
 
 
 def output_path(out_dir: Path, record: FaceRecord) -> Path:
@@ -106,7 +106,3 @@ def anonymize_local(
     summary = {"records": len(records), "computed": computed, "shards": len(shards), "seconds": time.perf_counter() - t0, "runner": "local"}
     finish_stage(stage, records, summary)
     return stage
-
-
-def load_shard_markers(stage: StageDir) -> list[dict]:
-    return [read_json(p) for p in sorted((stage.path / "shards").glob("*.json"))]

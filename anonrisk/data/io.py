@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -51,9 +49,3 @@ def is_readable(path: str | os.PathLike) -> str | None:
         return "file not found"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return str(exc) or type(exc).__name__
-
-
-def ensure_dir(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
