@@ -25,6 +25,11 @@ def test_unknown_key_names_it_and_the_valid_keys():
     assert "attack.backbne" in msg and "backbone" in msg and "temperature" in msg
 
 
+def test_unknown_key_inside_an_anonymizer_spec_lists_the_spec_keys():
+    with pytest.raises(ConfigError, match=r"anonymizers\.0\.parms.*name, kind, params"):
+        load_config(None, ["anonymizers=[{name: b, kind: blur, parms: {}}]"])
+
+
 def test_out_of_range_and_bad_choice_name_the_key():
     with pytest.raises(ConfigError, match=r"attack.temperature"):
         load_config(None, ["attack.temperature=-1"])

@@ -52,17 +52,26 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The first pydantic model inside an annotation (``X``, ``Optional[X]``, ``list[Union[str, X]]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the field at ``loc`` (to list its valid keys)."""
     for part in loc:
-        if isinstance(part, int) or part not in model.model_fields:
-            return model if part not in getattr(model, "model_fields", {}) else None
-        ann = model.model_fields[part].annotation
-        candidates = [ann, *typing.get_args(ann)]
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nxt is None:
+        if isinstance(part, int):
+            continue  # a list index: the list's item model owns what follows
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field is not None else None
+        if model is None:
             return None
-        model = nxt
     return model
 
 
