@@ -99,6 +99,86 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def _grid_plan(args, check: bool = True):
+    from anonrisk.config.loader import parse_overrides
+    from anonrisk.launch.grid import plan_grid
+
+    dotted = {}
+    for item in args.overrides:  # kept dotted: they are the grid's ``fixed`` settings
+        key = item.split("=", 1)[0]
+        dotted[key] = _leaf(parse_overrides([item]), key)
+    return plan_grid(args.grid, dotted, check=check), dotted
+
+
+def _leaf(nested: dict, dotted_key: str):
+    for part in dotted_key.split("."):
+        nested = nested[part]
+    return nested
+
+
+def cmd_grid(args) -> int:
+    from anonrisk.launch import driver
+
+    if args.grid_command == "plan":
+        plan, _ = _grid_plan(args, check=not args.no_check)
+        print(f"grid {plan.spec.name}: {len(plan.cells)} cells, profile {plan.profile.name}")
+        for stage in ("prepare", "anonymize", "train", "evaluate"):
+            nodes = plan.stage_nodes(stage)
+            done = sum(plan.is_done(n) for n in nodes)
+            print(f"  {stage:10s} {len(nodes):4d} jobs ({done} done)")
+        for c in plan.cells:
+            print(f"  cell {c.id}")
+        return 0
+    if args.grid_command == "submit":
+        plan, dotted = _grid_plan(args)
+        out = driver.submit(plan, args.executor, dotted, wait=args.wait)
+        if "message" in out:
+            print(out["message"])
+        else:
+            for stage, ids in out["submitted"].items():
+                what = f"{len(plan.stage_nodes(stage))} jobs" if stage != "collect" else "1 job"
+                print(f"{stage:10s} {what}: {', '.join(ids)}" if args.executor == "slurm" else f"{stage:10s} ran {', '.join(ids)} job(s)")
+            if "collect" in out:
+                print(out["collect"]["table"])
+                print(f"results: {out['collect']['results_dir']}/")
+        return 0
+    if args.grid_command == "status":
+        plan, _ = _grid_plan(args, check=False)
+        st = driver.status(plan)
+        print(driver.format_status(st))
+        return 0 if not st["problems"] else 1
+    from anonrisk.launch.collect import collect
+
+    plan, _ = _grid_plan(args, check=False)
+    out = collect(plan, strict=args.strict)
+    print(out["table"])
+    print(f"results: {out['results_dir']}/ ({out['finished']} of {len(plan.cells)} cells)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from anonrisk.launch.compare import comparison_plot, comparison_table, rows_from_json, rows_from_mlflow
+    from anonrisk.stages import atomic_path
+
+    rows = [r for src in args.sources for r in rows_from_json(src)]
+    if args.mlflow:
+        rows += rows_from_mlflow(args.mlflow, args.experiment, args.grid)
+    unique: dict = {}
+    for r in rows:  # a cell read from both JSON and MLflow counts once (the JSON, the source of truth)
+        unique.setdefault((r["source"], r["cell"]), r)
+    rows = list(unique.values())
+    table = comparison_table(rows, args.metric, args.rows, args.cols)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "comparison.md") as tmp:
+            tmp.write_text(table)
+        comparison_plot(rows, out / "comparison.png", args.metric, args.rows, args.cols)
+        print(f"written: {out}/comparison.md, {out}/comparison.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anonrisk", description="Measure how much identity survives image anonymization.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -117,6 +197,33 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--only", nargs="+", metavar="NAME", help="only these anonymizers")
         sp.set_defaults(fn=cmd_stage)
     with_config(sub.add_parser("validate", help="check a config and print it resolved")).set_defaults(fn=cmd_validate)
+    grid = sub.add_parser("grid", help="run a grid of datasets x anonymizers x backbones x seeds (Slurm, local, debug)")
+    gsub = grid.add_subparsers(dest="grid_command", required=True)
+    for name, text in (("plan", "expand and validate a grid; show its cells and stage jobs"),
+                       ("submit", "submit every stage that is neither done nor queued"),
+                       ("status", "per stage: done, queued, failed, not submitted"),
+                       ("collect", "gather finished cells into results/<grid>/ and MLflow")):
+        gp = gsub.add_parser(name, help=text)
+        gp.add_argument("grid", help="grid file (configs/grids/smoke.yaml) or a name under configs/grids/")
+        gp.add_argument("overrides", nargs="*", help="dotted settings for every cell, e.g. runs_dir=/scratch/runs")
+        gp.set_defaults(fn=cmd_grid)
+        if name == "plan":
+            gp.add_argument("--no-check", action="store_true", help="skip the checks of backbones, dataset roots and weights")
+        if name == "submit":
+            gp.add_argument("--executor", choices=("slurm", "local", "debug"), default="slurm")
+            gp.add_argument("--wait", action="store_true", help="(slurm) return only when no job of the grid is queued")
+        if name == "collect":
+            gp.add_argument("--strict", action="store_true", help="exit non-zero when a cell has no result")
+    cmp_ = sub.add_parser("compare", help="comparison table and plot from results/ folders and/or MLflow")
+    cmp_.add_argument("sources", nargs="*", help="results folders or metrics.json files (grids or runs)")
+    cmp_.add_argument("--mlflow", metavar="URI", help="also read the grid runs of an MLflow experiment")
+    cmp_.add_argument("--experiment", default="anonrisk")
+    cmp_.add_argument("--grid", help="only this grid's runs (MLflow)")
+    cmp_.add_argument("--metric", default="full-ref.exclude-source.top1")
+    cmp_.add_argument("--rows", help="axis down the table (default: anonymizer)")
+    cmp_.add_argument("--cols", help="axis across (default: the first other axis that varies)")
+    cmp_.add_argument("--out", help="write comparison.md and comparison.png here")
+    cmp_.set_defaults(fn=cmd_compare)
     ls = sub.add_parser("ls", help="list stage directories and results")
     ls.add_argument("--runs-dir", default="runs")
     ls.add_argument("--results-dir", default="results")

@@ -40,7 +40,13 @@ class Pipeline:
 
     @property
     def data_fp(self) -> str:
-        return self._prepared[0].fingerprint
+        # from the config alone, so a grid can plan every downstream stage before any data is prepared
+        from anonrisk.data.datasets import data_fingerprint
+
+        return data_fingerprint(self.cfg.data)
+
+    def prepare_stage(self) -> StageDir:
+        return StageDir(self.cfg.runs_dir, "prepare", self.data_fp)
 
     def spec(self, name: str) -> AnonymizerSpec:
         for s in self.cfg.anonymizers:

@@ -1,0 +1,292 @@
+"""``anonrisk grid submit|status``: the stage graph onto an executor with submitit.
+
+- ``slurm``: one job array per stage (split under MaxArraySize), each depending on the arrays of the stage
+  before (``afterok``, killed if a dependency fails), then a collect job after every evaluation
+  (``afterany``, so it reports failed cells). The submitter returns at once; Slurm runs the graph.
+- ``local``: the same jobs as local processes (submitit's LocalExecutor), stage by stage, waiting.
+- ``debug``: in this process, stage by stage (submitit's DebugExecutor): for tests and pdb.
+
+A node whose stage directory is DONE is never submitted; on Slurm neither is a node whose job is still
+queued or running, so submitting a grid twice submits nothing the second time. Job ids live in
+``<runs_dir>/grids/<grid>/jobs.json`` (read by ``status``); submitit's logs beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import logging
+import os
+import shutil
+import subprocess
+import time
+from typing import Any, Optional
+
+from anonrisk.errors import AnonriskError, ConfigError
+from anonrisk.launch.grid import STAGES, GridPlan, Node
+from anonrisk.stages import read_json, write_json
+
+log = logging.getLogger("anonrisk")
+EXECUTORS = ("slurm", "local", "debug")
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED"}
+
+
+# ---- what Slurm still holds ----------------------------------------------------------------------------
+def _task_ids(spec: str) -> set[int]:
+    """``[0-3,7%2]`` -> {0, 1, 2, 3, 7}."""
+    out: set[int] = set()
+    for part in spec.strip("[]").split("%")[0].split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out.update(range(int(a), int(b) + 1))
+        elif part:
+            out.add(int(part))
+    return out
+
+
+def queued_jobs() -> set[str]:
+    """Job ids ("123", "124_5") of this user's jobs that Slurm still holds (pending, running, requeued)."""
+    if not shutil.which("squeue"):
+        return set()
+    proc = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i"], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise AnonriskError(f"squeue failed (is Slurm reachable?): {proc.stderr.strip()}")
+    out: set[str] = set()
+    for line in proc.stdout.split():
+        base, _, task = line.partition("_")
+        if task.startswith("["):
+            out.update(f"{base}_{t}" for t in _task_ids(task))
+        out.add(line if task and not task.startswith("[") else base)
+    return out
+
+
+def _in_queue(job_id: Optional[str], queued: set[str]) -> bool:
+    return bool(job_id) and job_id in queued
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    if not job_ids or not shutil.which("sacct"):
+        return {}
+    proc = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))],
+                          capture_output=True, text=True, timeout=60)
+    states = {}
+    for line in proc.stdout.splitlines():
+        jid, _, state = line.partition("|")
+        states[jid] = state.split()[0] if state else ""
+    return states
+
+
+# ---- submission ----------------------------------------------------------------------------------------
+def _executor(plan: GridPlan, kind: str, stage: str, dependency: Optional[str] = None):
+    import submitit
+
+    res = plan.resources[stage]
+    prof = plan.profile
+    folder = plan.grid_dir / "submitit" / "%j"
+    ex = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=prof.max_requeues) if kind == "slurm" else \
+        submitit.AutoExecutor(folder=folder, cluster=kind)
+    params: dict[str, Any] = {
+        "name": f"anonrisk-{plan.spec.name}-{stage}",
+        "timeout_min": res.time_min,
+        "cpus_per_task": res.cpus,
+        "gpus_per_node": res.gpus,
+        "nodes": res.nodes,
+        "tasks_per_node": res.tasks_per_node,
+    }
+    if res.mem_gb:
+        params["mem_gb"] = res.mem_gb
+    if kind == "slurm":
+        params.update(slurm_array_parallelism=prof.array_parallelism, slurm_signal_delay_s=prof.signal_delay_s,
+                      slurm_setup=list(prof.setup), slurm_additional_parameters={"kill-on-invalid-dep": "yes"})
+        optional = {"slurm_dependency": dependency, "slurm_account": prof.account, "slurm_qos": prof.qos,
+                    "slurm_partition": res.partition or prof.partition}
+        params.update({k: v for k, v in optional.items() if v})
+    ex.update_parameters(**params)
+    return ex
+
+
+def _chunks(nodes: list[Node], size: int) -> list[list[Node]]:
+    return [nodes[i : i + size] for i in range(0, len(nodes), size)]
+
+
+def _submit_nodes(plan: GridPlan, kind: str, stage: str, nodes: list[Node], dependency: Optional[str], max_array: int) -> list:
+    from anonrisk.launch.jobs import StageJob
+
+    jobs = []
+    for chunk in _chunks(nodes, max_array):
+        ex = _executor(plan, kind, stage, dependency)
+        cfgs = [plan.cell(n.cell).config.model_dump(mode="json") for n in chunk]
+        jobs += ex.map_array(StageJob(), [stage] * len(chunk), cfgs, [str(plan.grid_dir)] * len(chunk),
+                             [n.cell for n in chunk], [n.cells for n in chunk])
+    return jobs
+
+
+def results_current(plan: GridPlan) -> bool:
+    path = plan.results_dir / "metrics.json"
+    if not path.exists():
+        return False
+    doc = read_json(path)
+    return not doc.get("missing") and {c["id"] for c in doc.get("cells", [])} == {c.id for c in plan.cells}
+
+
+def submit(plan: GridPlan, kind: str, overrides: dict[str, Any], wait: bool = False) -> dict[str, Any]:
+    """Submit what is neither done nor queued; returns {"submitted": {stage: [job ids]}, ...}."""
+    if kind not in EXECUTORS:
+        raise ConfigError(f"--executor {kind!r}: expected one of {', '.join(EXECUTORS)}")
+    if kind == "slurm" and not shutil.which("sbatch"):
+        raise ConfigError("--executor slurm: sbatch is not on PATH (use --executor local or debug off a cluster)")
+    state_path = plan.grid_dir / "jobs.json"
+    state = read_json(state_path) if state_path.exists() else {"nodes": {}, "collect": None}
+    queued = queued_jobs() if kind == "slurm" else set()
+    todo = {s: [n for n in plan.stage_nodes(s) if not plan.is_done(n) and not _in_queue(state["nodes"].get(n.key, {}).get("job_id"), queued)]
+            for s in STAGES}
+    collect_queued = kind == "slurm" and _in_queue((state.get("collect") or {}).get("job_id"), queued)
+    need_collect = (any(todo.values()) or not results_current(plan)) and not collect_queued
+    summary: dict[str, Any] = {"grid": plan.spec.name, "executor": kind, "submitted": {}, "cells": len(plan.cells),
+                               "nodes": {s: len(plan.stage_nodes(s)) for s in STAGES}}
+    if not any(todo.values()) and not need_collect:
+        summary["message"] = (f"nothing to submit: {len(plan.cells)} cells, every stage done or queued"
+                              + (f"; results in {plan.results_dir}" if results_current(plan) else ""))
+        return summary
+
+    from anonrisk.tracking.grid_mlflow import start_grid_runs
+
+    plan.grid_dir.mkdir(parents=True, exist_ok=True)
+    start_grid_runs(plan)  # the experiment and the runs exist before any job may log
+    state["executor"] = kind
+    try:
+        if kind == "slurm":
+            _submit_slurm(plan, todo, state, queued, overrides, need_collect, summary)
+        else:
+            _run_in_order(plan, kind, todo, state, overrides, summary)
+    finally:  # what was submitted before a failure stays known: no duplicate on the next submit
+        write_json(state_path, state)
+    if wait and kind == "slurm":
+        wait_for(state, summary)
+    return summary
+
+
+@contextlib.contextmanager
+def _job_env_hidden():
+    """submitit's clean_env, but keeping SLURM_CONF: it says which cluster to talk to, not which job."""
+    import submitit
+
+    conf = os.environ.get("SLURM_CONF")
+    with submitit.helpers.clean_env():
+        if conf:
+            os.environ["SLURM_CONF"] = conf
+        try:
+            yield
+        finally:
+            os.environ.pop("SLURM_CONF", None)  # clean_env puts the original back
+
+
+def _submit_slurm(plan, todo, state, queued, overrides, need_collect, summary) -> None:
+    from anonrisk.launch.jobs import CollectJob
+    from anonrisk.launch.profile import slurm_max_array_size
+
+    max_array = slurm_max_array_size(plan.profile)
+    live: dict[str, str] = {}  # node key -> job id that is queued (from before) or submitted now
+    for key, rec in state["nodes"].items():
+        if _in_queue(rec.get("job_id"), queued):
+            live[key] = rec["job_id"]
+    with _job_env_hidden():  # a driver inside a Slurm job must not pass its allocation on
+        for stage in STAGES:
+            nodes = todo[stage]
+            if not nodes:
+                continue
+            upstream = sorted({live[d].split("_")[0] for n in nodes for d in n.deps if d in live})
+            jobs = _submit_nodes(plan, "slurm", stage, nodes, f"afterok:{':'.join(upstream)}" if upstream else None, max_array)
+            for n, job in zip(nodes, jobs):
+                live[n.key] = job.job_id
+                state["nodes"][n.key] = {"stage": stage, "job_id": job.job_id, "cells": n.cells, "submitted": time.time()}
+            summary["submitted"][stage] = sorted({j.job_id.split("_")[0] for j in jobs})
+        if need_collect:
+            evals = sorted({live[n.key].split("_")[0] for n in plan.stage_nodes("evaluate") if n.key in live})
+            ex = _executor(plan, "slurm", "collect", f"afterany:{':'.join(evals)}" if evals else None)
+            job = ex.submit(CollectJob(), str(plan.path), overrides)
+            state["collect"] = {"job_id": job.job_id, "submitted": time.time()}
+            summary["submitted"]["collect"] = [job.job_id]
+    summary["jobs"] = state
+
+
+def _run_in_order(plan, kind, todo, state, overrides, summary) -> None:
+    """local/debug: each stage's jobs run (local: as processes, ``array_parallelism`` at a time) and are
+    waited for before the next stage; a failure stops the grid with the cells it concerns."""
+    from anonrisk.launch.collect import collect
+
+    width = plan.profile.array_parallelism if kind == "local" else 1 << 30
+    for stage in STAGES:
+        nodes = todo[stage]
+        if not nodes:
+            continue
+        failed = []
+        for chunk in _chunks(nodes, width):
+            jobs = _submit_nodes(plan, kind, stage, chunk, None, len(chunk))
+            for n, job in zip(chunk, jobs):
+                state["nodes"][n.key] = {"stage": stage, "job_id": job.job_id, "cells": n.cells, "submitted": time.time()}
+                try:
+                    job.result()
+                except Exception as exc:  # noqa: BLE001 - reported with the cells it concerns
+                    failed.append(f"{stage} of {', '.join(n.cells)}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}")
+        summary["submitted"][stage] = [str(len(nodes))]
+        if failed:
+            raise AnonriskError(f"grid {plan.spec.name}: {len(failed)} {stage} job(s) failed (logs under {plan.grid_dir}/submitit):\n  "
+                                + "\n  ".join(failed))
+    summary["collect"] = collect(plan, strict=True)
+
+
+def wait_for(state: dict[str, Any], summary: dict[str, Any], poll_s: float = 5.0, timeout_s: float = 7 * 86400) -> None:
+    """Poll squeue (``sbatch --wait`` polls slowly) until none of the grid's jobs is queued."""
+    ids = {rec["job_id"] for rec in state["nodes"].values()} | ({state["collect"]["job_id"]} if state.get("collect") else set())
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        if not any(_in_queue(j, queued_jobs()) for j in ids):
+            return
+        time.sleep(poll_s)
+    raise AnonriskError(f"grid {summary['grid']}: still queued after {timeout_s:.0f} s")
+
+
+# ---- status ----------------------------------------------------------------------------------------------
+def status(plan: GridPlan) -> dict[str, Any]:
+    """Per stage: how many nodes are done, queued/running (Slurm), failed, or not submitted yet."""
+    state_path = plan.grid_dir / "jobs.json"
+    state = read_json(state_path) if state_path.exists() else {"nodes": {}, "collect": None}
+    on_slurm = state.get("executor") == "slurm"
+    queued = queued_jobs() if on_slurm else set()
+    recorded = [rec["job_id"] for rec in state["nodes"].values()]
+    finals = sacct_states(recorded + ([state["collect"]["job_id"]] if state.get("collect") else [])) if on_slurm else {}
+    rows: dict[str, dict[str, int]] = {}
+    problems = []
+    for stage in STAGES:
+        counts = {"total": 0, "done": 0, "queued": 0, "failed": 0, "not submitted": 0}
+        for n in plan.stage_nodes(stage):
+            counts["total"] += 1
+            job = state["nodes"].get(n.key, {}).get("job_id")
+            if plan.is_done(n):
+                counts["done"] += 1
+            elif _in_queue(job, queued):
+                counts["queued"] += 1
+            elif job:
+                counts["failed"] += 1
+                problems.append(f"{stage} {', '.join(n.cells)}: job {job} {finals.get(job, finals.get(job.split('_')[0], 'ended'))}, "
+                                f"log {plan.grid_dir}/submitit/{job}_0_log.err")
+            else:
+                counts["not submitted"] += 1
+        rows[stage] = counts
+    collect_job = (state.get("collect") or {}).get("job_id")
+    return {"grid": plan.spec.name, "stages": rows, "problems": problems, "results_current": results_current(plan),
+            "results_dir": str(plan.results_dir), "collect_job": collect_job,
+            "collect_state": finals.get(collect_job) if collect_job else None}
+
+
+def format_status(st: dict[str, Any]) -> str:
+    head = f"{'stage':10s} {'total':>5s} {'done':>5s} {'queued':>6s} {'failed':>6s} {'not submitted':>13s}"
+    lines = [f"grid {st['grid']}", head]
+    for stage, c in st["stages"].items():
+        lines.append(f"{stage:10s} {c['total']:5d} {c['done']:5d} {c['queued']:6d} {c['failed']:6d} {c['not submitted']:13d}")
+    lines += [f"  ! {p}" for p in st["problems"]]
+    res = "up to date" if st["results_current"] else "incomplete"
+    lines.append(f"results: {st['results_dir']} ({res})" + (f"; collect job {st['collect_job']} {st['collect_state'] or ''}" if st["collect_job"] else ""))
+    return "\n".join(lines)
+

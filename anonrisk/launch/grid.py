@@ -1,0 +1,237 @@
+"""Grid files: axes x fixed settings -> cells -> a stage graph deduplicated by fingerprint.
+
+A grid file names a base run config, dotted settings every cell shares (``fixed``) and ``axes``. An axis
+is either a list of values for one setting or a mapping ``label -> {dotted settings}`` (a named variant,
+e.g. a dataset with its root, or an anonymizer with a conditioning scale). Short axis names:
+
+    anonymizer -> anonymizers: [value]      backbone -> attack.backbone
+    dataset    -> data.dataset              seed     -> attack.seed (the anonymization is shared)
+
+Every cell is one full run config with one anonymizer. Its stages (prepare, anonymize, train, evaluate)
+are identified by the same fingerprints the pipeline uses for its directories, so cells that share a
+dataset x anonymizer share one anonymize node, and a node whose directory is DONE is never run again.
+Planning is pure: it validates every cell and builds the graph without touching data or a cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from pydantic import Field, ValidationError
+
+from anonrisk.config.loader import REPO_CONFIGS, deep_merge, format_validation_error, load_yaml, preset_dirs, resolve_anonymizer, validate
+from anonrisk.config.schema import RunConfig, Strict
+from anonrisk.errors import ConfigError
+from anonrisk.launch.profile import ClusterProfile, StageResources, load_profile
+
+STAGES = ("prepare", "anonymize", "train", "evaluate")
+ALIASES = {"anonymizer": "anonymizers", "backbone": "attack.backbone", "dataset": "data.dataset", "seed": "attack.seed"}
+AxisValues = Union[list[Any], dict[str, dict[str, Any]]]
+
+
+class GridSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: Optional[str] = None  # run config, relative to the grid file
+    profile: str = "local"  # configs/clusters/<profile>.yaml or a path
+    fixed: dict[str, Any] = {}
+    axes: dict[str, AxisValues] = {}
+    resources: dict[str, dict[str, Any]] = {}  # per-stage overrides of the profile's resources
+
+
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"attack.steps": 10}`` -> ``{"attack": {"steps": 10}}`` (later keys win, sections merge)."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"grid: {key!r}: {p!r} is set to a value and also used as a section")
+        node[parts[-1]] = deep_merge(node[parts[-1]], value) if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) else value
+    return out
+
+
+def _expand_env(value: Any) -> Any:
+    if isinstance(value, str):
+        return os.path.expandvars(value)
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    return value
+
+
+def axis_choices(axis: str, values: AxisValues) -> list[tuple[str, dict[str, Any]]]:
+    """(label, dotted settings) for each value of one axis."""
+    if isinstance(values, dict):
+        if not values:
+            raise ConfigError(f"grid axes.{axis}: no values")
+        return [(str(label), dict(settings or {})) for label, settings in values.items()]
+    if not values:
+        raise ConfigError(f"grid axes.{axis}: no values")
+    key = ALIASES.get(axis, axis)
+    out = []
+    for v in values:
+        if key == "anonymizers":
+            label = v["name"] if isinstance(v, dict) and "name" in v else str(v)
+            out.append((label, {key: [v]}))
+        else:
+            out.append((str(v), {key: v}))
+    return out
+
+
+@dataclass
+class Cell:
+    id: str  # "anonymizer=blur,backbone=resnet50"
+    axes: dict[str, str]
+    config: RunConfig
+
+    @property
+    def spec(self):
+        return self.config.anonymizers[0]
+
+
+@dataclass
+class Node:
+    stage: str
+    key: str  # the stage directory relative to runs_dir: unique per unit of work
+    cell: str  # a cell whose config runs this node (the first one that needs it)
+    deps: list[str] = field(default_factory=list)
+    cells: list[str] = field(default_factory=list)  # every cell that needs it
+
+
+@dataclass
+class GridPlan:
+    spec: GridSpec
+    path: Path
+    profile: ClusterProfile
+    resources: dict[str, StageResources]
+    cells: list[Cell]
+    nodes: dict[str, Node]  # by key, in stage order
+    cell_nodes: dict[str, dict[str, str]]  # cell id -> stage -> node key
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.cells[0].config.runs_dir)
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.cells[0].config.results_dir) / self.spec.name
+
+    @property
+    def grid_dir(self) -> Path:
+        """Submitter state (job ids, MLflow run ids) and submitit's job folders."""
+        return self.runs_dir / "grids" / self.spec.name
+
+    def cell(self, cell_id: str) -> Cell:
+        return next(c for c in self.cells if c.id == cell_id)
+
+    def stage_nodes(self, stage: str) -> list[Node]:
+        return [n for n in self.nodes.values() if n.stage == stage]
+
+    def is_done(self, node: Node) -> bool:
+        return (self.runs_dir / node.key / "DONE").exists()
+
+
+def find_grid_file(path: str) -> Path:
+    p = Path(path)
+    if p.exists():
+        return p
+    named = REPO_CONFIGS / "grids" / f"{path}.yaml"
+    if named.exists():
+        return named
+    raise ConfigError(f"grid file not found: {path}")
+
+
+def load_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> tuple[GridSpec, Path]:
+    p = find_grid_file(str(path))
+    raw = load_yaml(p)
+    try:
+        spec = GridSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, GridSpec, str(p))) from None
+    if overrides:
+        spec.fixed = {**spec.fixed, **overrides}
+    for key in spec.fixed:
+        if key.split(".")[0] in ("anonymizers",) and "anonymizer" in spec.axes:
+            raise ConfigError(f"{p}: fixed.{key} conflicts with the anonymizer axis")
+    return spec, p
+
+
+def _check_cell(cfg: RunConfig, where: str) -> None:
+    """What pydantic cannot see: the backbone must exist in timm, a real dataset's root must be there."""
+    import timm
+
+    if not timm.is_model(cfg.attack.backbone):
+        close = timm.list_models(f"*{cfg.attack.backbone.split('.')[0][:6]}*")[:8]
+        raise ConfigError(f"{where}: attack.backbone {cfg.attack.backbone!r} is not a timm model" + (f"; similar: {', '.join(close)}" if close else ""))
+    if cfg.data.dataset != "synthetic":
+        if not cfg.data.root:
+            raise ConfigError(f"{where}: data.root is required for data.dataset={cfg.data.dataset}")
+        if not Path(cfg.data.root).expanduser().is_dir():
+            raise ConfigError(f"{where}: data.root {cfg.data.root!r} is not a directory (dataset {cfg.data.dataset})")
+
+
+def plan_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None, check: bool = True) -> GridPlan:
+    """Expand and validate the whole grid. Raises ConfigError naming the cell and key; queues nothing."""
+    from anonrisk.anonymize import build_anonymizer
+    from anonrisk.pipeline import Pipeline
+
+    spec, gpath = load_grid(path, overrides)
+    base_path = (gpath.parent / spec.base).resolve() if spec.base else None
+    base = load_yaml(base_path) if base_path else {}
+    profile = load_profile(spec.profile, gpath)
+    resources = profile.resources_for(spec.resources, f"{gpath}: resources")
+    dirs = preset_dirs(base_path) if base_path else preset_dirs(gpath)
+
+    fixed = nest(_expand_env(spec.fixed))
+    axes = [[(name, label, settings) for label, settings in axis_choices(name, values)] for name, values in spec.axes.items()]
+    cells: list[Cell] = []
+    for combo in itertools.product(*axes) if axes else [()]:
+        cell_id = ",".join(f"{name}={label}" for name, label, _ in combo) or "all"
+        raw = deep_merge(base, fixed)
+        for _, _, settings in combo:
+            raw = deep_merge(raw, nest(_expand_env(settings)))
+        raw["name"] = f"{spec.name}"
+        where = f"{gpath}: cell {cell_id}"
+        cfg = validate(raw, where)
+        if len(cfg.anonymizers) != 1:
+            raise ConfigError(f"{where}: each cell needs exactly one anonymizer (use an 'anonymizer' axis); got {len(cfg.anonymizers)}")
+        try:
+            cfg.anonymizers = [resolve_anonymizer(cfg.anonymizers[0], dirs, 0)]
+            if check:
+                build_anonymizer(cfg.anonymizers[0]).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if check:
+            _check_cell(cfg, where)
+        cells.append(Cell(cell_id, {name: label for name, label, _ in combo}, cfg))
+    if len({c.config.runs_dir for c in cells}) > 1:
+        raise ConfigError(f"{gpath}: runs_dir must be the same for every cell (it holds the shared stages)")
+
+    nodes: dict[str, Node] = {}
+    cell_nodes: dict[str, dict[str, str]] = {}
+    for c in cells:
+        pipe = Pipeline(c.config)
+        runs = Path(c.config.runs_dir)
+        dirs_ = {
+            "prepare": pipe.prepare_stage().path,
+            "anonymize": pipe.anonymizer_stage(c.spec)[1].path,
+            "train": pipe.train_stage(c.spec).path,
+            "evaluate": pipe.evaluate_stage(c.spec).path,
+        }
+        keys = {stage: str(Path(d).relative_to(runs)) for stage, d in dirs_.items()}
+        prev = None
+        for stage in STAGES:
+            key = keys[stage]
+            node = nodes.setdefault(key, Node(stage, key, c.id, [prev] if prev else []))
+            node.cells.append(c.id)
+            prev = key
+        cell_nodes[c.id] = keys
+    ordered = {n.key: n for stage in STAGES for n in nodes.values() if n.stage == stage}
+    return GridPlan(spec, gpath, profile, resources, cells, ordered, cell_nodes)

@@ -1,0 +1,95 @@
+"""What one grid job runs: a stage of one cell (through the pipeline's idempotent stage methods) or the
+final collect. Jobs are submitit ``Checkpointable``: on a time limit or preemption signal (USR2) submitit
+requeues the same call, and since every stage keeps its progress on disk (shard markers, training
+checkpoints), the requeued job resumes where the first one stopped.
+
+Training additionally stops at a step boundary with a fresh checkpoint before the requeue: USR2 is routed
+to the trainer's stop handler (SIGUSR1), and the requeue happens once training has raised ``Preempted``.
+An external ``scontrol requeue`` (SIGTERM) reaches the trainer directly; Slurm requeues the job itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import submitit
+
+log = logging.getLogger("anonrisk")
+
+
+@contextlib.contextmanager
+def usr2_checkpoints_training() -> Iterator[None]:
+    """Inside a submitit job: USR2 first asks a running training loop to checkpoint and stop, then lets
+    submitit's own handler requeue the job. Outside training, submitit's handler runs at once."""
+    submitit_handler = signal.getsignal(signal.SIGUSR2)
+    asked = {"training": False}
+
+    def on_usr2(signum, frame):
+        trainer = signal.getsignal(signal.SIGUSR1)
+        if callable(trainer):  # the trainer's StopFlag is installed: stop at the next step boundary
+            asked["training"] = True
+            trainer(signum, frame)
+        elif callable(submitit_handler):
+            submitit_handler(signum, frame)
+
+    signal.signal(signal.SIGUSR2, on_usr2)
+    try:
+        yield
+    except BaseException as exc:
+        from anonrisk.attack.train import Preempted
+
+        if isinstance(exc, Preempted) and asked["training"] and callable(submitit_handler):
+            submitit_handler(signal.SIGUSR2, None)  # checkpoint() + scontrol requeue + exit
+        raise
+    finally:
+        signal.signal(signal.SIGUSR2, submitit_handler)
+
+
+def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: list[str]) -> dict:
+    from anonrisk.config.schema import RunConfig
+    from anonrisk.pipeline import Pipeline
+    from anonrisk.tracking import grid_mlflow
+
+    cfg = RunConfig.model_validate(cell_cfg)
+    cfg.progress = False
+    pipe = Pipeline(cfg)
+    spec = cfg.anonymizers[0]
+    if stage == "prepare":
+        return {"stage": stage, "path": str(pipe.prepare().path), "records": len(pipe.records)}
+    if stage == "anonymize":
+        return {"stage": stage, "path": str(pipe.anonymize(spec).path)}
+    if stage == "train":
+        path = pipe.train(spec).path
+        for cid in cells:
+            grid_mlflow.log_training(Path(grid_dir), cid, path)
+        return {"stage": stage, "path": str(path)}
+    if stage == "evaluate":
+        result = pipe.evaluate(spec)
+        for cid in cells:
+            grid_mlflow.log_cell(Path(grid_dir), cid, result)
+        return {"stage": stage, "path": str(pipe.evaluate_stage(spec).path)}
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """One node of the stage graph. ``checkpoint`` (inherited) resubmits the same call on requeue."""
+
+    def __call__(self, stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: Optional[list[str]] = None) -> dict:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        with usr2_checkpoints_training():
+            return run_stage(stage, cell_cfg, grid_dir, cell_id, cells or [cell_id])
+
+
+class CollectJob(submitit.helpers.Checkpointable):
+    """Gather every cell's results into results/<grid>/ and MLflow once the evaluate stages are over."""
+
+    def __call__(self, grid_path: str, overrides: dict[str, Any]) -> dict:
+        from anonrisk.launch.collect import collect
+        from anonrisk.launch.grid import plan_grid
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return collect(plan_grid(grid_path, overrides, check=False), strict=True)

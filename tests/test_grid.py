@@ -1,0 +1,141 @@
+"""Grid files -> stage graph (deduplicated by fingerprint), submit-time errors, the debug executor end to
+end, and `anonrisk compare`. The Slurm path is in tests/cluster/test_grid.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anonrisk.cli import main
+from anonrisk.errors import ConfigError
+from anonrisk.launch.grid import plan_grid
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_grid(tmp_path: Path, **changes) -> Path:
+    grid = {
+        "name": "tiny",
+        "base": str(REPO / "configs" / "quickstart.yaml"),
+        "profile": "local",
+        "fixed": {"runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "progress": False,
+                  "data.image_size": 32, "data.synthetic": {"identities": 16, "images_per_identity": 3},
+                  "attack.steps": 6, "attack.batch_size": 16, "evaluate.bootstrap": 20, "evaluate.leakage": False,
+                  "tracking.experiment": "tiny-grid"},
+        "axes": {"anonymizer": ["identity", "noise"], "backbone": ["test_convnext"]},
+    }
+    for k, v in changes.items():
+        grid[k] = v
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_smoke_grid_shares_each_anonymization_across_backbones():
+    plan = plan_grid(REPO / "configs" / "grids" / "smoke.yaml", {"runs_dir": "/nonexistent/runs"})
+    counts = {s: len(plan.stage_nodes(s)) for s in ("prepare", "anonymize", "train", "evaluate")}
+    assert counts == {"prepare": 1, "anonymize": 3, "train": 6, "evaluate": 6}
+    for node in plan.stage_nodes("anonymize"):
+        assert len(node.cells) == 2 and {plan.cell(c).axes["anonymizer"] for c in node.cells} == {plan.cell(node.cell).axes["anonymizer"]}
+    # every cell's chain: evaluate -> train -> anonymize -> prepare
+    for cell in plan.cells:
+        keys = plan.cell_nodes[cell.id]
+        assert plan.nodes[keys["evaluate"]].deps == [keys["train"]]
+        assert plan.nodes[keys["train"]].deps == [keys["anonymize"]]
+
+
+def test_full_grid_plan_counts(monkeypatch, tmp_path):
+    monkeypatch.setenv("CELEBA_ROOT", str(tmp_path))
+    monkeypatch.setenv("LFW_ROOT", str(tmp_path))
+    plan = plan_grid(REPO / "configs" / "grids" / "full.yaml", check=False)
+    counts = {s: len(plan.stage_nodes(s)) for s in ("prepare", "anonymize", "train", "evaluate")}
+    # 2 datasets x 8 anonymizers anonymized once each, reused by 2 backbones x 3 seeds
+    assert counts == {"prepare": 2, "anonymize": 16, "train": 96, "evaluate": 96}
+    assert plan.resources["train"].gpus == 8
+    assert plan.cells[0].config.data.root == str(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"axes": {"anonymizer": ["identity", "blurr"]}}, "unknown anonymizer 'blurr'"),
+    ({"axes": {"anonymizer": ["identity"], "backbone": ["resnet_51"]}}, "attack.backbone 'resnet_51' is not a timm model"),
+    ({"axes": {"anonymizer": ["identity"], "dataset": ["imagenet"]}}, "'data.dataset': 'imagenet' is not allowed"),
+    ({"axes": {"anonymizer": ["identity"], "dataset": {"celeba": {"data.dataset": "celeba", "data.root": "/no/such/celeba"}}}},
+     "data.root '/no/such/celeba' is not a directory"),
+    ({"resources": {"train": {"gpus": 16}}}, "train.gpus=16 exceeds what cluster profile 'local' allows (max_gpus_per_node=8)"),
+    ({"resources": {"trian": {"gpus": 1}}}, "unknown stage(s) trian"),
+    ({"axes": {"anonymizer": ["identity"], "attack.temprature": [0.1]}}, "unknown key 'attack.temprature'"),
+])
+def test_bad_grid_fails_at_submit_and_queues_nothing(tmp_path, capsys, change, message):
+    grid = write_grid(tmp_path, **change)
+    rc = main(["grid", "submit", str(grid), "--executor", "debug"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert "cell" in err or "resources" in err
+    assert not (tmp_path / "runs").exists()  # nothing prepared, no job folder, no MLflow run
+
+
+def test_debug_executor_runs_the_grid_then_submits_nothing(tmp_path, capsys):
+    grid = write_grid(tmp_path)
+    assert main(["grid", "submit", str(grid), "--executor", "debug"]) == 0
+    out = capsys.readouterr().out
+    assert "| identity |" in out and "| noise |" in out
+    doc = json.loads((tmp_path / "results" / "tiny" / "metrics.json").read_text())
+    assert doc["schema"] == "anonrisk.grid" and doc["missing"] == [] and len(doc["cells"]) == 2
+    linkage = {c["axes"]["anonymizer"]: c["result"]["protocols"]["full-ref/linkage"]["top1"]["value"] for c in doc["cells"]}
+    assert linkage["identity"] >= 0.9 and linkage["noise"] < 0.5, linkage
+    before = sorted(p.name for p in (tmp_path / "runs" / "grids" / "tiny" / "submitit").iterdir())
+    mtime = (tmp_path / "results" / "tiny" / "metrics.json").stat().st_mtime_ns
+
+    assert main(["grid", "submit", str(grid), "--executor", "debug"]) == 0
+    assert "nothing to submit" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "runs" / "grids" / "tiny" / "submitit").iterdir()) == before
+    assert (tmp_path / "results" / "tiny" / "metrics.json").stat().st_mtime_ns == mtime
+
+    # MLflow: one parent, one finished child per cell, with the metrics of metrics.json
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny-grid")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(runs) == 3 and len(children) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.params["grid.anonymizer"] for r in children} == {"identity", "noise"}
+
+    # a new axis value later: only the new cell's stages run; the prepared data is reused
+    grid = write_grid(tmp_path, axes={"anonymizer": ["identity", "noise", "blur"], "backbone": ["test_convnext"]})
+    assert main(["grid", "submit", str(grid), "--executor", "debug"]) == 0
+    state = json.loads((tmp_path / "runs" / "grids" / "tiny" / "jobs.json").read_text())
+    stages = [rec["stage"] for rec in state["nodes"].values()]
+    assert stages.count("anonymize") == 3 and stages.count("prepare") == 1
+    assert main(["grid", "status", str(grid)]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_compare_tables_from_json_and_clear_errors(tmp_path, capsys):
+    grid = write_grid(tmp_path, axes={"anonymizer": ["identity", "noise"], "backbone": ["test_convnext"]})
+    assert main(["grid", "submit", str(grid), "--executor", "debug"]) == 0
+    capsys.readouterr()
+    res = tmp_path / "results" / "tiny"
+    assert main(["compare", str(res), "--metric", "full-ref.linkage.top1", "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads((res / "metrics.json").read_text())
+    ident = next(c for c in doc["cells"] if c["axes"]["anonymizer"] == "identity")["result"]["protocols"]["full-ref/linkage"]["top1"]
+    assert f"| identity | {ident['value']:.3f} [{ident['ci95'][0]:.2f}, {ident['ci95'][1]:.2f}] |" in out
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
+    assert main(["compare", str(res), "--metric", "full-ref.top1"]) == 2
+    assert "no result has metric 'full-ref.top1'" in capsys.readouterr().err
+    assert main(["compare", str(res), "--rows", "dataset"]) == 2
+    assert "unknown axis 'dataset'" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "nowhere")]) == 2
+    assert "no results at" in capsys.readouterr().err
+
+
+def test_unknown_profile_and_multi_anonymizer_cells_are_refused(tmp_path, capsys):
+    grid = write_grid(tmp_path, profile="no-such-cluster")
+    assert main(["grid", "plan", str(grid)]) == 2
+    assert "cluster profile 'no-such-cluster' not found; known profiles: gpu-cluster, local, loopback" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="each cell needs exactly one anonymizer"):
+        plan_grid(write_grid(tmp_path, axes={"backbone": ["test_convnext"]}))
