@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cluster.conftest import REPO, record_timing
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "grids" / "smoke.yaml"
 BIN = Path(sys.executable).parent
 
@@ -65,7 +65,7 @@ def _sacct_tasks(cluster, ids: list[str]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def smoke_grid(slurm_cluster, mlflow_server, tmp_path_factory):
+def smoke_grid(slurm_cluster, mlflow_server, tmp_path_factory, timing):
     """`sbatch slurm/full_grid.sh configs/grids/smoke.yaml ...`, waited for through squeue."""
     d = tmp_path_factory.mktemp("grid")
     experiment = f"anonrisk-grid-{uuid.uuid4().hex[:8]}"
@@ -81,7 +81,7 @@ def smoke_grid(slurm_cluster, mlflow_server, tmp_path_factory):
     grid_dir = d / "runs" / "grids" / "smoke"
     ids = _grid_job_ids(grid_dir)
     _wait_until_unqueued(slurm_cluster, ids, grid_dir, timeout=420)
-    record_timing("grid: sbatch full_grid.sh smoke -> collected", time.monotonic() - t0)
+    timing("grid: sbatch full_grid.sh smoke -> collected", time.monotonic() - t0)
     return {"dir": d, "driver": driver, "ids": ids, "settings": settings, "env": env, "experiment": experiment,
             "grid_dir": grid_dir, "driver_log": (d / f"driver-{driver}.out").read_text()}
 
@@ -187,7 +187,7 @@ def _train_progress(runs: Path) -> dict[str, int]:
     return out
 
 
-def test_requeued_training_resumes_with_same_metrics(slurm_cluster, tmp_path):
+def test_requeued_training_resumes_with_same_metrics(slurm_cluster, tmp_path, timing):
     grid = _requeue_grid(tmp_path)
     env = _env(slurm_cluster)
     settings = [f"runs_dir={tmp_path / 'runs'}", f"results_dir={tmp_path / 'results'}"]
@@ -218,15 +218,15 @@ def test_requeued_training_resumes_with_same_metrics(slurm_cluster, tmp_path):
         raise AssertionError(f"trainings never reached a checkpoint mid-run: {_train_progress(tmp_path / 'runs')}\n"
                              f"{slurm_cluster.diagnostics()}\n{logs}")
     _wait_until_unqueued(slurm_cluster, _grid_job_ids(grid_dir), grid_dir, timeout=300)
-    record_timing("grid: requeue run (2 trainings interrupted)", time.monotonic() - t0)
+    timing("grid: requeue run (2 trainings interrupted)", time.monotonic() - t0)
     for key, job in train_jobs.items():
         history = slurm_cluster.run("sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job).stdout.split()
         assert "REQUEUED" in history and history[-1] == "COMPLETED", (how[key], history)
         done = json.loads((tmp_path / "runs" / key / "DONE").read_text())
         assert done["resumed_from"] >= 10, (how[key], done)
-    if how:  # USR2: the trainer checkpointed at the step it was at, not only at the last multiple of 10
-        usr2 = next(k for k, v in how.items() if v == "usr2")
-        assert json.loads((tmp_path / "runs" / usr2 / "DONE").read_text())["resumed_from"] >= hit[usr2]
+    # USR2: the trainer checkpointed at the step it had reached, not only at the last multiple of 10
+    usr2 = next(k for k, v in how.items() if v == "usr2")
+    assert json.loads((tmp_path / "runs" / usr2 / "DONE").read_text())["resumed_from"] >= hit[usr2]
 
     # the same grid, uninterrupted, in this process
     ref = [f"runs_dir={tmp_path / 'ref-runs'}", f"results_dir={tmp_path / 'ref-results'}"]
