@@ -200,6 +200,8 @@ def plan_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None, 
         raw["name"] = f"{spec.name}"
         where = f"{gpath}: cell {cell_id}"
         cfg = validate(raw, where)
+        # jobs may start in another directory than the submitter: pin the shared folders
+        cfg.runs_dir, cfg.results_dir = str(Path(cfg.runs_dir).resolve()), str(Path(cfg.results_dir).resolve())
         if len(cfg.anonymizers) != 1:
             raise ConfigError(f"{where}: each cell needs exactly one anonymizer (use an 'anonymizer' axis); got {len(cfg.anonymizers)}")
         try:
@@ -234,4 +236,4 @@ def plan_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None, 
             prev = key
         cell_nodes[c.id] = keys
     ordered = {n.key: n for stage in STAGES for n in nodes.values() if n.stage == stage}
-    return GridPlan(spec, gpath, profile, resources, cells, ordered, cell_nodes)
+    return GridPlan(spec, gpath.resolve(), profile, resources, cells, ordered, cell_nodes)
