@@ -226,12 +226,12 @@ def test_job_submit_with_two_actors_equals_the_single_process_runner(ray_head, t
     t0 = time.monotonic()
     res = subprocess.run([str(RAY_BIN), "job", "submit", "--address", ray_head.dashboard, "--runtime-env-json", runtime_env, "--",
                           sys.executable, "-m", "anonrisk", "anonymize", str(cfg), "anonymize.ray.address=auto",
-                          "anonymize.ray.num_workers=2"], capture_output=True, text=True, env=ray_head.env, timeout=300)
+                          "anonymize.ray.num_workers=2", "anonymize.ray.decode=tasks"], capture_output=True, text=True, env=ray_head.env, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     print(f"job submit to done: {time.monotonic() - t0:.1f} s")
     ray_stage = next((tmp_path / "ray" / "anonymize").glob("*/*/DONE")).parent
     summary = read_json(ray_stage / "DONE")
-    assert summary["runner"] == "ray" and summary["workers"] == 2 and summary["computed"] == 32
+    assert summary["runner"] == "ray" and summary["workers"] == 2 and summary["computed"] == 32 and summary["decode"] == "tasks"
     assert len(summary["worker_pids"]) == 2  # both actors ran shards
 
     local = Pipeline(run_config(tmp_path / "local", "resynth", runner="local"))
@@ -249,7 +249,7 @@ def test_job_submit_with_two_actors_equals_the_single_process_runner(ray_head, t
 @pytest.mark.slow
 def test_killed_actor_loses_and_duplicates_no_record(ray_driver, tmp_path):
     """SIGKILL one actor process mid-run: Ray restarts it, its shard reruns, every record is written once."""
-    cfg = run_config(tmp_path / "runs", SLOW, batch_size=1, num_workers=2)
+    cfg = run_config(tmp_path / "runs", SLOW, batch_size=1, num_workers=2, decode="tasks")
     pipe = Pipeline(cfg)
     spec = pipe.cfg.anonymizers[0]
     _, stage = pipe.anonymizer_stage(spec)

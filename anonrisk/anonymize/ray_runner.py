@@ -2,7 +2,8 @@
 
 - The driver (this process) reads the records from the manifest, cuts the same shards as the local runner
   and skips those with a marker. For each pending shard a CPU task decodes and resizes the images that have
-  no output yet; an actor runs ``run_shard`` on them.
+  no output yet (for GPU actors; CPU actors, which already fill the CPUs, decode themselves unless
+  ``anonymize.ray.decode: tasks``); an actor runs ``run_shard`` on them.
 - One actor per GPU (or per CPU slot) holds a loaded anonymizer (``setup`` once per actor life) and writes
   each output PNG atomically, then the shard marker, exactly as the local runner does; per-record seeds make
   the images identical. Actors also append one line per written output to ``log/writes-<node>-<pid>.jsonl``
@@ -201,7 +202,7 @@ class ShardWorker:
 
         gpu = bool(ray.get_runtime_context().get_accelerator_ids().get("GPU"))
         device = "cuda" if gpu else ("cpu" if self.device == "auto" else self.device)
-        self.device = resolve_device(device)
+        self.device = device if device == "cpu" else resolve_device(device)  # (resolve_device imports torch)
         anonymizer = build_anonymizer(AnonymizerSpec(**self.spec))
         anonymizer.setup(self.device)
         self.anonymizer = anonymizer
@@ -225,12 +226,13 @@ class ShardWorker:
 
         return on_write
 
-    def run(self, k: int, records: list[dict], todo_ids: list[str], decoded: tuple) -> dict:
+    def run(self, k: int, records: list[dict], todo_ids: list[str], decoded: Optional[tuple]) -> dict:
+        """Run shard ``k``; ``decoded`` is a decode task's result, or None to decode here."""
         self._ensure_setup()
-        images, decode_seconds = decoded
+        images, decode_seconds = decoded if decoded is not None else ([], 0.0)
         recs = [FaceRecord.from_json(r) for r in records]
         t = run_shard(self.anonymizer, recs, self.out_dir, self.image_size, self.batch_size, self.seed,
-                      decoded=dict(zip(todo_ids, images)), on_write=self._logged(k))
+                      decoded=dict(zip(todo_ids, images)) if decoded is not None else None, on_write=self._logged(k))
         marker = {"ids": [r.id for r in recs], **t, "decode_seconds": decode_seconds,
                   "worker": {"pid": os.getpid(), "node": self.node, "device": self.device}}
         write_json(shard_marker(self.out_dir, k), marker)
@@ -280,7 +282,9 @@ def anonymize_ray(
         pending = deque(k for k in range(len(shards)) if not shard_marker(stage.path, k).exists())
         todo = {k: [r for r in shards[k] if not output_path(stage.path, r).exists()] for k in pending}
         n_workers = min(n_workers, max(1, len(pending)))
-        t0 = time.perf_counter()
+        decode_in_tasks = rc.decode == "tasks" or (rc.decode == "auto" and gpw > 0)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        first_ready = None
         markers: dict[int, dict] = {}
         infos: list[dict] = []
         redispatched = 0
@@ -304,7 +308,7 @@ def anonymize_ray(
                     for s in slots:
                         while s.ready and pending and s.queued < rc.prefetch_shards:
                             k = pending.popleft()
-                            images = decode.remote([r.path for r in todo[k]], image_size)
+                            images = decode.remote([r.path for r in todo[k]], image_size) if decode_in_tasks else None
                             ref = s.actor.run.remote(k, [r.to_json() for r in shards[k]], [r.id for r in todo[k]], images)
                             inflight[ref] = (s.index, s.generation, k)
                             s.queued += 1
@@ -323,6 +327,7 @@ def anonymize_ray(
                         except ray.exceptions.RayTaskError as exc:  # setup failed: a config or data problem
                             raise _cause(exc) from None
                         starting.ready = True
+                        first_ready = first_ready or time.perf_counter() - t0
                         continue
                     i, generation, k = inflight.pop(ref)
                     try:
@@ -364,10 +369,13 @@ def anonymize_ray(
             "records": len(records), "computed": computed, "shards": len(shards), "shards_run": len(markers),
             "seconds": seconds, "runner": "ray", "workers": n_workers, "num_gpus_per_worker": gpw,
             "setup_seconds": max((x["setup_seconds"] for x in infos), default=0.0),
+            "first_ready_seconds": first_ready or 0.0,  # actor start + model setup before the first shard
+            "driver_cpu_seconds": time.process_time() - cpu0,
             "images_per_second": computed / seconds if seconds > 0 and computed else 0.0,
             "shard_seconds": {"min": min(shard_seconds, default=0.0), "mean": sum(shard_seconds) / len(shard_seconds) if shard_seconds else 0.0,
                               "max": max(shard_seconds, default=0.0)},
-            "decode_seconds": sum(m["decode_seconds"] for m in markers.values()),
+            "decode": "tasks" if decode_in_tasks else "actor",
+            "decode_seconds": sum(m["decode_seconds"] for m in markers.values()),  # in decode tasks
             "redispatched": redispatched,
             "worker_pids": sorted({m["worker"]["pid"] for m in markers.values()}),
         }

@@ -55,6 +55,9 @@ class RayConfig(Strict):
     num_workers: Optional[int] = Field(None, ge=1)  # actors; None: as many as the cluster's GPUs/CPUs fit
     num_gpus_per_worker: Optional[float] = Field(None, ge=0)  # None: 1 for a GPU anonymizer on a GPU cluster, else 0
     num_cpus_per_worker: float = Field(1.0, ge=0)
+    # where images are decoded and resized: CPU tasks feeding the actors, or the actor itself; auto: tasks
+    # for GPU actors, the actor for CPU actors (which already fill the CPUs: tasks would only add overhead)
+    decode: Literal["auto", "tasks", "actor"] = "auto"
     num_cpus_per_decode: float = Field(0.0, ge=0)  # decode tasks; 0 lets them run beside CPU actors
     prefetch_shards: int = Field(2, ge=1)  # shards queued per actor, decoded while the previous one runs
     max_restarts: int = Field(3, ge=0)  # restarts of a crashed actor (its model is loaded again)
