@@ -192,6 +192,15 @@ def test_worker_plan_from_cluster_resources():
         plan_workers({"CPU": 2.0}, RayConfig(num_cpus_per_worker=4), Cpu(), "c")
 
 
+def test_cluster_launcher_config_matches_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((REPO / "configs" / "ray" / "cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))  # raises on an unknown or missing field
+    assert cfg["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"].startswith(("g", "p"))
+    assert any("anonrisk[ray" in c for c in cfg["setup_commands"])
+
+
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
 def test_unreachable_address_fails_fast_before_any_output(tmp_path, address):
     """A fresh CLI process (no Ray connection yet): exit 2 within seconds, the message names key and address."""
@@ -247,9 +256,13 @@ def test_job_submit_with_two_actors_equals_the_single_process_runner(ray_head, t
 
 
 @pytest.mark.slow
-def test_killed_actor_loses_and_duplicates_no_record(ray_driver, tmp_path):
-    """SIGKILL one actor process mid-run: Ray restarts it, its shard reruns, every record is written once."""
-    cfg = run_config(tmp_path / "runs", SLOW, batch_size=1, num_workers=2, decode="tasks")
+@pytest.mark.parametrize("recovery", ["ray-restart", "driver-replace"])
+def test_killed_actor_loses_and_duplicates_no_record(ray_driver, tmp_path, recovery):
+    """SIGKILL one actor process mid-run: Ray restarts it and reruns its shards (ray-restart), or, with no
+    restarts allowed, the driver replaces it and sends its shards again (driver-replace); either way every
+    record is written exactly once."""
+    no_restart = {"max_restarts": 0, "max_task_retries": 0} if recovery == "driver-replace" else {}
+    cfg = run_config(tmp_path / "runs", SLOW, batch_size=1, num_workers=2, decode="tasks", **no_restart)
     pipe = Pipeline(cfg)
     spec = pipe.cfg.anonymizers[0]
     _, stage = pipe.anonymizer_stage(spec)
@@ -279,7 +292,8 @@ def test_killed_actor_loses_and_duplicates_no_record(ray_driver, tmp_path):
         counts[w["id"]] = counts.get(w["id"], 0) + 1
     assert sorted(counts) == sorted(ids) and set(counts.values()) == {1}, "a record was written twice or never"
     summary = read_json(stage / "DONE")
-    assert set(summary["worker_pids"]) - pids_at_kill, "no shard finished on the restarted actor"
+    assert set(summary["worker_pids"]) - pids_at_kill, "no shard finished on the restarted or new actor"
+    assert (summary["redispatched"] > 0) == (recovery == "driver-replace")
     assert not alive(victim)
 
 

@@ -128,6 +128,9 @@ def connect(rc: RayConfig):
             kwargs["object_store_memory"] = rc.object_store_mb << 20
         if rc.temp_dir:
             kwargs["_temp_dir"] = str(Path(rc.temp_dir).resolve())
+        if "RAY_worker_niceness" not in os.environ:
+            # Ray runs workers at nice 15; here the actors are the job itself, as the local runner is
+            kwargs["_system_config"] = {"worker_niceness": 0}
         ray.init(**kwargs)
         return ray, "a Ray instance started in this process", True
     address = resolve_auto_address() if rc.address == "auto" else rc.address
@@ -301,6 +304,25 @@ def anonymize_ray(
             slots = [new_slot(i) for i in range(n_workers)]
             inflight: dict[Any, tuple[int, int, int]] = {}  # result ref -> (slot, generation, shard)
             replacements = 0
+
+            def replace(i: int, exc: BaseException) -> int:
+                """Ray's restarts and retries of slot i's actor are used up: kill what is left of it, start a
+                fresh one, and queue its shards again; returns how many shards were queued again."""
+                nonlocal replacements
+                s = slots[i]
+                if replacements >= rc.max_replacements:
+                    raise RuntimeError(f"anonymize {spec.name}: Ray actors keep dying ({replacements} replaced; "
+                                       f"anonymize.ray.max_replacements={rc.max_replacements}): {exc}") from None
+                replacements += 1
+                log.warning("anonymize %s: actor %d died (%s); replacing it and sending its shards again",
+                            spec.name, i, str(exc).splitlines()[0])
+                ray.kill(s.actor, no_restart=True)
+                again = [(ref, k) for ref, (j, g, k) in inflight.items() if j == i and g == s.generation]
+                for ref, k in again:
+                    del inflight[ref]
+                    pending.appendleft(k)
+                slots[i] = new_slot(i, s.generation + 1)
+                return len(again)
             log.info("anonymize %s: %d shards on %d Ray actor(s) (GPU %g each) on %s", spec.name, len(pending), n_workers, gpw, where)
             bar = tqdm(total=sum(len(v) for v in todo.values()), desc=f"anonymize {spec.name} (ray)", disable=None if progress else True, leave=False)
             try:
@@ -326,6 +348,9 @@ def anonymize_ray(
                             infos.append(ray.get(ref))
                         except ray.exceptions.RayTaskError as exc:  # setup failed: a config or data problem
                             raise _cause(exc) from None
+                        except ray.exceptions.RayActorError as exc:  # the process died while loading
+                            redispatched += replace(starting.index, exc)
+                            continue
                         starting.ready = True
                         first_ready = first_ready or time.perf_counter() - t0
                         continue
@@ -333,25 +358,8 @@ def anonymize_ray(
                     try:
                         marker = ray.get(ref)
                     except ray.exceptions.RayActorError as exc:
-                        s = slots[i]
                         pending.appendleft(k)
-                        redispatched += 1
-                        if s.generation != generation:
-                            continue  # this actor was already replaced; its shard is queued again
-                        # Ray's restarts and retries are used up: kill what is left, send its shards elsewhere
-                        if replacements >= rc.max_replacements:
-                            raise RuntimeError(f"anonymize {spec.name}: Ray actors keep dying ({replacements} replaced; "
-                                               f"anonymize.ray.max_replacements={rc.max_replacements}): {exc}") from None
-                        replacements += 1
-                        log.warning("anonymize %s: actor %d died (%s); replacing it and sending its shards again",
-                                    spec.name, i, str(exc).splitlines()[0])
-                        ray.kill(s.actor, no_restart=True)
-                        for other, (j, g, kk) in list(inflight.items()):
-                            if j == i and g == generation:
-                                del inflight[other]
-                                pending.appendleft(kk)
-                                redispatched += 1
-                        slots[i] = new_slot(i, generation + 1)
+                        redispatched += 1 + replace(i, exc)
                         continue
                     except ray.exceptions.RayTaskError as exc:
                         raise _cause(exc) from None
