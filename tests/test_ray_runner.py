@@ -292,8 +292,11 @@ def test_killed_actor_loses_and_duplicates_no_record(ray_driver, tmp_path, recov
         counts[w["id"]] = counts.get(w["id"], 0) + 1
     assert sorted(counts) == sorted(ids) and set(counts.values()) == {1}, "a record was written twice or never"
     summary = read_json(stage / "DONE")
-    assert set(summary["worker_pids"]) - pids_at_kill, "no shard finished on the restarted or new actor"
-    assert (summary["redispatched"] > 0) == (recovery == "driver-replace")
+    if recovery == "ray-restart":  # Ray reran the victim's shard on its restarted process
+        assert set(summary["worker_pids"]) - pids_at_kill, "no shard finished on the restarted actor"
+        assert summary["redispatched"] == 0
+    else:  # the driver queued the victim's shards again (the survivor or the replacement took them)
+        assert summary["redispatched"] >= 1
     assert not alive(victim)
 
 
