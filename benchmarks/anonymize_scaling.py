@@ -56,6 +56,7 @@ def parse(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tiny-diffusion", action="store_true", help="also time the sd-nocond-tiny preset at 64 px")
     ap.add_argument("--tiny-records", type=int, default=160)
+    ap.add_argument("--reproject", action="store_true", help="only redo the model and report from the stored JSON")
     ap.add_argument("--out", default=str(REPO / "results" / "benchmarks"))
     return ap.parse_args(argv)
 
@@ -144,13 +145,32 @@ def model(result: dict) -> dict:
     return out
 
 
-def projection(overhead_per_shard: float, driver_cpu_per_shard: float, shard_size: int = 256,
-               per_gpu: float = SD15_IMG_PER_S_PER_H100, gpus=(1, 2, 4, 8, 16, 32, 64, 128)) -> list[dict]:
-    """SD 1.5 on H100s: each GPU does ``shard_size`` records in shard_size/per_gpu s plus the Ray overhead of a
-    shard (measured here on a loaded CPU, an upper bound); the driver spends ``driver_cpu_per_shard`` s of
-    its CPU per shard, which caps the cluster at shard_size / driver_cpu_per_shard img/s."""
+def png_write_seconds(size: int = 512, n: int = 8) -> float:
+    """Median time to write one PNG at ``size`` px (the actor writes outputs between GPU batches)."""
+    from anonrisk.data.io import save_image
+    from anonrisk.data.synthetic import render_image
+
+    times = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(n):
+            img = render_image(0, i, 0, size)
+            t = time.perf_counter()
+            save_image(Path(d) / f"{i}.png", img)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def projection(overhead_per_shard: float, driver_cpu_per_shard: float, write_per_image: float, shard_size: int = 256,
+               per_gpu: float = SD15_IMG_PER_S_PER_H100, write_threads: int = 2, batch: int = 16,
+               gpus=(1, 2, 4, 8, 16, 64, 256, 1024, 4096, 16384)) -> list[dict]:
+    """SD 1.5 on H100s: a GPU actor spends shard_size/per_gpu s generating a shard; its ``write_threads`` PNG
+    writers (``write_per_image`` s each) run beside the GPU, so only what they cannot keep up with plus the
+    last batch's writes is exposed; Ray adds ``overhead_per_shard``. The driver spends
+    ``driver_cpu_per_shard`` s of its CPU per shard, which caps the whole cluster at shard_size /
+    driver_cpu_per_shard img/s."""
     shard_s = shard_size / per_gpu
-    eff = shard_s / (shard_s + overhead_per_shard)
+    exposed_writes = max(0.0, shard_size * write_per_image / write_threads - shard_s) + batch * write_per_image / write_threads
+    eff = shard_s / (shard_s + exposed_writes + overhead_per_shard)
     driver_cap = shard_size / driver_cpu_per_shard if driver_cpu_per_shard > 0 else float("inf")
     rows = []
     for n in gpus:
@@ -161,8 +181,29 @@ def projection(overhead_per_shard: float, driver_cpu_per_shard: float, shard_siz
     return rows
 
 
+def add_projection(doc: dict) -> None:
+    """The SD 1.5 projection from the measured rows: the probe's Ray overhead (its per-shard cost with almost no
+    work to hide it) or the main run's, whichever is larger, so that the projection errs on the slow side."""
+    for r in doc["results"]:
+        r["model"] = model(r)
+    main_m = doc["results"][0]["model"]
+    probe_m = next((r["model"] for r in doc["results"] if r["label"].startswith("overhead-probe")), main_m)
+    overhead = max(probe_m["ray_overhead_seconds_per_shard"], main_m["ray_overhead_seconds_per_shard"])
+    driver = max(probe_m["driver_cpu_seconds_per_shard"], main_m["driver_cpu_seconds_per_shard"])
+    write_s = png_write_seconds()
+    doc["projection_sd15_h100"] = {"per_gpu_img_s": SD15_IMG_PER_S_PER_H100, "shard_size": 256,
+                                   "overhead_seconds_per_shard": overhead, "driver_cpu_seconds_per_shard": driver,
+                                   "png_write_seconds_512px": write_s, "rows": projection(overhead, driver, write_s)}
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.reproject:  # recompute the model and the report from the stored measurements
+        path = Path(args.out) / "anonymize_scaling.json"
+        doc = json.loads(path.read_text())
+        add_projection(doc)
+        write(doc, Path(args.out))
+        return doc
     import ray
 
     from anonrisk.config.schema import AnonymizeConfig, AnonymizerSpec, DataConfig
@@ -201,23 +242,13 @@ def main(argv=None) -> dict:
         ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    for r in results + [probe]:
-        r["model"] = model(r)
-    main_model = results[0]["model"]
-    probe_overhead = probe["model"]["ray_overhead_seconds_per_shard"]
     doc = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "host": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "load_average_after": load_avg(), "ray_version": ray.__version__, "ray_init_seconds": ray_init,
         "contention": "the CPUs are shared with other jobs (see load averages); every variant runs interleaved under the same load",
         "results": results + [probe],
-        # the probe's overhead (Ray's per-shard cost with almost no work to hide it) drives the projection; the
-        # larger of it and the main run's difference is used, so the projection errs on the slow side
-        "projection_sd15_h100": {"per_gpu_img_s": SD15_IMG_PER_S_PER_H100, "shard_size": 256,
-                                 "overhead_seconds_per_shard": max(probe_overhead, main_model["ray_overhead_seconds_per_shard"]),
-                                 "driver_cpu_seconds_per_shard": max(probe["model"]["driver_cpu_seconds_per_shard"], main_model["driver_cpu_seconds_per_shard"]),
-                                 "rows": projection(max(probe_overhead, main_model["ray_overhead_seconds_per_shard"]),
-                                                    max(probe["model"]["driver_cpu_seconds_per_shard"], main_model["driver_cpu_seconds_per_shard"]))},
     }
+    add_projection(doc)
     write(doc, Path(args.out))
     return doc
 
@@ -249,16 +280,19 @@ def write(doc: dict, out: Path) -> None:
         lines += ["", "`steady` = after the first actor is ready (actor process start and model setup are paid once "
                       "per stage and worker; on a GPU they are the model load).", "",
                   f"Outputs byte-identical to the local runner's: **{r['outputs_identical']}**. Startup {m['startup_seconds']:.2f} s; "
-                      f"Ray overhead {m['ray_overhead_seconds_per_shard'] * 1000:.0f} ms per shard in steady state; driver CPU "
+                      f"Ray overhead {m['ray_overhead_seconds_per_shard'] * 1000:.1f} ms per shard in steady state; driver CPU "
                       f"{m['driver_cpu_seconds_per_shard'] * 1000:.1f} ms per shard"
                   + (f"; two workers {m['speedup_2_workers']:.2f}x one (Amdahl serial fraction {m['amdahl_serial_fraction']:.2f})." if "speedup_2_workers" in m else "."), ""]
     p = doc["projection_sd15_h100"]
     lines += ["## Projection: SD 1.5 at 512 px on N H100s", "",
               f"Per GPU {p['per_gpu_img_s']:g} img/s (measured, REAL_SERVICES.md); shards of {p['shard_size']}; Ray overhead "
-              f"{p['overhead_seconds_per_shard'] * 1000:.0f} ms per shard (measured above on a loaded 2-core CPU: an upper bound); "
-              f"driver CPU {p['driver_cpu_seconds_per_shard'] * 1000:.1f} ms per shard. "
-              "Throughput(N) = min(N x per-GPU x e, driver cap), e = shard time / (shard time + overhead), "
-              "driver cap = shard size / driver CPU per shard. Startup (model load, ~1-2 min with torch.compile) is not in it. "
+              f"{p['overhead_seconds_per_shard'] * 1000:.1f} ms per shard (measured above on a loaded 2-core CPU); "
+              f"driver CPU {p['driver_cpu_seconds_per_shard'] * 1000:.1f} ms per shard; PNG write {p['png_write_seconds_512px'] * 1000:.1f} ms "
+              "per 512 px image (measured here), 2 writer threads beside the GPU (`anonymize.write_threads`), batch 16. "
+              "Throughput(N) = min(N x per-GPU x e, driver cap), e = generation time of a shard / (generation + exposed PNG "
+              "writes + Ray overhead), driver cap = shard size / driver CPU per shard. Written inline (write_threads=0) the "
+              "PNGs alone would cost a third of the GPU time at these figures. Startup (model load, "
+              "~1-2 min with torch.compile) is not in it. "
               "CelebA = 202,599 images.", "",
               "| GPUs | ideal img/s | modeled img/s | efficiency | CelebA hours |", "|---:|---:|---:|---:|---:|"]
     for row in p["rows"]:

@@ -192,6 +192,26 @@ def test_worker_plan_from_cluster_resources():
         plan_workers({"CPU": 2.0}, RayConfig(num_cpus_per_worker=4), Cpu(), "c")
 
 
+def test_png_writer_threads_write_the_same_files_once(tmp_path):
+    """run_shard with writer threads beside the anonymizer: same bytes as inline writes, each record once."""
+    from anonrisk.anonymize import build_anonymizer
+    from anonrisk.anonymize.runner import run_shard
+    from anonrisk.config.schema import AnonymizerSpec
+    from anonrisk.data.datasets import prepare
+
+    cfg = run_config(tmp_path / "runs", "resynth")
+    _, records = prepare(cfg.data, str(tmp_path / "runs"), progress=False)
+    anonymizer = build_anonymizer(AnonymizerSpec(name="resynth", kind="resynth"))
+    seen = {0: [], 3: []}
+    for threads in seen:
+        t = run_shard(anonymizer, records, tmp_path / f"w{threads}", 64, 5, 0, on_write=lambda r, t=threads: seen[t].append(r.id),
+                      write_threads=threads)
+        assert t["computed"] == 32
+    assert sorted(seen[3]) == sorted(seen[0]) == sorted(r.id for r in records)
+    for r in records:
+        assert output_path(tmp_path / "w3", r).read_bytes() == output_path(tmp_path / "w0", r).read_bytes()
+
+
 def test_cluster_launcher_config_matches_rays_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
 

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -180,12 +181,13 @@ def decode_shard(paths: list[str], image_size: int) -> tuple[Any, float]:
 class ShardWorker:
     """Actor: one loaded anonymizer; runs shards and writes their outputs and markers."""
 
-    def __init__(self, spec: dict, out_dir: str, image_size: int, batch_size: int, seed: int, device: str):
-        self.spec, self.out_dir = spec, Path(out_dir)
+    def __init__(self, spec: dict, out_dir: str, image_size: int, batch_size: int, seed: int, device: str, write_threads: int = 0):
+        self.spec, self.out_dir, self.write_threads = spec, Path(out_dir), write_threads
         self.image_size, self.batch_size, self.seed, self.device = image_size, batch_size, seed, device
         self.anonymizer: Optional[Anonymizer] = None
         self.setup_seconds = 0.0
         self.log_file = None
+        self.log_lock = threading.Lock()
 
     def _ensure_setup(self) -> None:
         """Load the anonymizer once per actor life (again after a restart)."""
@@ -224,8 +226,10 @@ class ShardWorker:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.log_file = open(path, "a", buffering=1)
 
-        def on_write(r: FaceRecord) -> None:
-            self.log_file.write(json.dumps({"id": r.id, "shard": shard, "t": time.time()}) + "\n")
+        def on_write(r: FaceRecord) -> None:  # from the writer threads: one whole line per call
+            line = json.dumps({"id": r.id, "shard": shard, "t": time.time()}) + "\n"
+            with self.log_lock:
+                self.log_file.write(line)
 
         return on_write
 
@@ -235,7 +239,8 @@ class ShardWorker:
         images, decode_seconds = decoded if decoded is not None else ([], 0.0)
         recs = [FaceRecord.from_json(r) for r in records]
         t = run_shard(self.anonymizer, recs, self.out_dir, self.image_size, self.batch_size, self.seed,
-                      decoded=dict(zip(todo_ids, images)) if decoded is not None else None, on_write=self._logged(k))
+                      decoded=dict(zip(todo_ids, images)) if decoded is not None else None, on_write=self._logged(k),
+                      write_threads=self.write_threads)
         marker = {"ids": [r.id for r in recs], **t, "decode_seconds": decode_seconds,
                   "worker": {"pid": os.getpid(), "node": self.node, "device": self.device}}
         write_json(shard_marker(self.out_dir, k), marker)
@@ -296,7 +301,7 @@ def anonymize_ray(
                 num_cpus=rc.num_cpus_per_worker, num_gpus=gpw, max_restarts=rc.max_restarts, max_task_retries=rc.max_task_retries
             )
             decode = ray.remote(decode_shard).options(num_cpus=rc.num_cpus_per_decode, max_retries=3)
-            args = (spec.model_dump(), str(stage.path.resolve()), image_size, cfg.batch_size, cfg.seed, cfg.device)
+            args = (spec.model_dump(), str(stage.path.resolve()), image_size, cfg.batch_size, cfg.seed, cfg.device, cfg.write_threads)
 
             def new_slot(i: int, generation: int = 0) -> _Slot:
                 return _Slot(i, worker_cls.remote(*args), generation)

@@ -76,6 +76,7 @@ class AnonymizeConfig(Strict):
     seed: int = 0
     runner: Literal["local", "ray"] = "local"
     device: str = "auto"
+    write_threads: int = Field(2, ge=0, le=64)  # PNG writers beside the anonymizer (0: write inline)
     ray: RayConfig = RayConfig()
 
 
