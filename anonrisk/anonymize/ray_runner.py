@@ -309,6 +309,7 @@ def anonymize_ray(
             slots = [new_slot(i) for i in range(n_workers)]
             inflight: dict[Any, tuple[int, int, int]] = {}  # result ref -> (slot, generation, shard)
             replacements = 0
+            warned = 0
 
             def replace(i: int, exc: BaseException) -> int:
                 """Ray's restarts and retries of slot i's actor are used up: kill what is left of it, start a
@@ -340,11 +341,13 @@ def anonymize_ray(
                             inflight[ref] = (s.index, s.generation, k)
                             s.queued += 1
                     waiting = list(inflight) + [s.ready_ref for s in slots if not s.ready]
-                    done, _ = ray.wait(waiting, num_returns=1, timeout=60.0)
+                    # short waits: Ctrl-C (KeyboardInterrupt) is only seen between them
+                    done, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
                     if not done:
-                        if not any(s.ready for s in slots):
-                            log.warning("anonymize %s: no actor has started after 60 s; waiting for cluster resources "
-                                        "(each actor needs CPU=%g, GPU=%g)", spec.name, rc.num_cpus_per_worker, gpw)
+                        if not any(s.ready for s in slots) and time.perf_counter() - t0 > warned + 60:
+                            warned += 60
+                            log.warning("anonymize %s: no actor has started after %d s; waiting for cluster resources "
+                                        "(each actor needs CPU=%g, GPU=%g)", spec.name, warned, rc.num_cpus_per_worker, gpw)
                         continue
                     ref = done[0]
                     starting = next((s for s in slots if not s.ready and s.ready_ref == ref), None)
