@@ -74,6 +74,10 @@ class Pipeline:
         if stage.is_done():
             return stage
         anonymizer.validate()
+        if self.cfg.anonymize.runner == "ray":
+            from anonrisk.anonymize.ray_runner import anonymize_ray
+
+            return anonymize_ray(spec, anonymizer, self.records, stage, self.cfg.data.image_size, self.cfg.anonymize, self.progress)
         from anonrisk.anonymize.runner import anonymize_local
 
         device = resolve_device(self.cfg.anonymize.device)

@@ -46,12 +46,38 @@ class AnonymizerSpec(Strict):
     params: dict[str, Any] = {}
 
 
+class RayConfig(Strict):
+    """The Ray runner (``anonymize.runner: ray``); see docs/ray.md."""
+
+    # None: start Ray inside this process; "auto": the cluster this node belongs to (or RAY_ADDRESS, which
+    # `ray job submit` sets); "host:port": a GCS address; "ray://host:10001": Ray Client
+    address: Optional[str] = None
+    num_workers: Optional[int] = Field(None, ge=1)  # actors; None: as many as the cluster's GPUs/CPUs fit
+    num_gpus_per_worker: Optional[float] = Field(None, ge=0)  # None: 1 for a GPU anonymizer on a GPU cluster, else 0
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    # where images are decoded and resized: CPU tasks feeding the actors, or the actor itself; auto: tasks
+    # for GPU actors, the actor for CPU actors (which already fill the CPUs: tasks would only add overhead)
+    decode: Literal["auto", "tasks", "actor"] = "auto"
+    num_cpus_per_decode: float = Field(0.0, ge=0)  # decode tasks; 0 lets them run beside CPU actors
+    prefetch_shards: int = Field(2, ge=1)  # shards queued per actor, decoded while the previous one runs
+    max_restarts: int = Field(3, ge=0)  # restarts of a crashed actor (its model is loaded again)
+    max_task_retries: int = Field(3, ge=0)  # reruns of a shard on a restarted actor
+    max_replacements: int = Field(3, ge=0)  # fresh actors for dead ones (the driver re-dispatches their shards)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    # only when this process starts Ray (address: None)
+    num_cpus: Optional[int] = Field(None, ge=1)
+    object_store_mb: Optional[int] = Field(None, ge=75)
+    temp_dir: Optional[str] = None
+
+
 class AnonymizeConfig(Strict):
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(256, ge=1)
     seed: int = 0
-    runner: Literal["local"] = "local"  # the Ray runner (issue 5) adds "ray"
+    runner: Literal["local", "ray"] = "local"
     device: str = "auto"
+    write_threads: int = Field(2, ge=0, le=64)  # PNG writers beside the anonymizer (0: write inline)
+    ray: RayConfig = RayConfig()
 
 
 class AttackConfig(Strict):
