@@ -76,7 +76,7 @@ def init_process_group(backend: Optional[str] = None, env: Optional[DistEnv] = N
     env = env or read_env()
     if env.world_size == 1 and not always:
         return env
-    if env.world_size == 1 and env.launcher == "none":
+    if env.world_size == 1:  # a group of one needs no rendezvous: a free loopback port, whatever was inherited
         env = DistEnv(master_port=free_port())
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     # DeepSpeed and torch read these; set them for srun too so both agree with us
