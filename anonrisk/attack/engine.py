@@ -444,10 +444,13 @@ def _weights_only_checkpoint_engine(base):
 
 
 def _deepspeed_safe_globals() -> list:
+    # what DeepSpeed 0.19's ZeRO 0-3 fp32/bf16 checkpoints hold besides tensors and containers (listed with
+    # torch.serialization.get_unsafe_globals_in_checkpoint); all plain data classes
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def build_engine(cfg: AttackConfig, device: str) -> tuple[Engine, Plan]:
