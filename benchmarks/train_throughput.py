@@ -5,14 +5,17 @@
         --search-chunk 512 --max-batch 65536            # the GPU figure (one H100: target 32,768 pairs)
     python benchmarks/train_throughput.py --device cpu  # the CPU record at tiny size (test_convnext, 32 px)
 
-Every configuration runs in a fresh subprocess (so peak memory is its own) on synthetic inputs already on
-the device (data loading is not measured on either side):
+Timing: all configurations of one batch size are built in one process and stepped round by round
+(interleaved, so load from other processes falls on all alike); images/s from each one's median step time.
+Peak memory: each configuration again in a fresh process of its own. Inputs are synthetic and already on
+the device (data loading is not measured on either side). The configurations:
 - ``bare``: the reference, written plainly: Encoder forward over [anonymized; originals], symmetric InfoNCE,
   backward, AdamW step (fused on CUDA); bf16 autocast + channels_last on CUDA, fp32 on the CPU.
 - ``torch`` / ``deepspeed``: ``anonrisk.attack.engine`` (``build_engine`` + ``contrastive_step`` +
   ``step``), at each batch size, GradCache chunk (``none`` = whole batch) and ZeRO stage.
 images/s counts both images of a pair. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the
-CPU the peak resident set size above the process's size before the first step (sampled every 2 ms).
+CPU the peak resident set size above the process's size once imports are done, before the model is
+built (sampled every 2 ms).
 Largest batch: doubling from ``--search-start`` until a step fails (CUDA out of memory) or, on the CPU,
 its memory passes ``--memory-cap-gb`` (the worker stops itself there), with and without GradCache.
 Results go to ``results/benchmarks/train_throughput.json`` (one entry per device/backbone/size) and ``.md``.
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -46,8 +50,8 @@ def parse(argv=None):
     ap.add_argument("--engines", default="torch,deepspeed")
     ap.add_argument("--zero-stages", default="0,2,3", help="for the deepspeed engine")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on cuda, fp32 on cpu")
-    ap.add_argument("--iters", type=int, default=None, help="timed steps (default 5 cpu, 10 cuda)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 1 cpu, 3 cuda)")
+    ap.add_argument("--iters", type=int, default=None, help="timed rounds (default 7 cpu, 10 cuda)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2 cpu, 3 cuda)")
     ap.add_argument("--search-start", type=int, default=None, help="first batch of the largest-batch search (default 64 cpu, 1024 cuda)")
     ap.add_argument("--max-batch", type=int, default=None, help="stop the search here (default 8192 cpu, 65536 cuda)")
     ap.add_argument("--search-chunk", type=int, default=None, help="GradCache chunk for the search (default 32 cpu, 512 cuda)")
@@ -84,12 +88,10 @@ class PeakRSS:
             time.sleep(0.002)
 
 
-def worker(spec: dict) -> dict:
+def make_step(spec: dict, device):
+    """A closure running one training step of the configuration in ``spec`` on fixed synthetic inputs."""
     import torch
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
     from anonrisk.attack.losses import contrastive_loss
     from anonrisk.attack.model import Encoder
     from anonrisk.config.schema import AttackConfig
@@ -118,40 +120,97 @@ def worker(spec: dict) -> dict:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    else:
-        from anonrisk.attack.engine import build_engine, contrastive_step
 
-        cfg = AttackConfig(backbone=spec["backbone"], input="rgb", embed_dim=spec["embed_dim"], batch_size=b, lr=1e-4,
-                           engine=spec["kind"], precision=spec["precision"], grad_cache_chunk=spec.get("chunk"),
-                           zero_stage=spec.get("zero_stage"), freeze_bn=spec.get("chunk") is not None)
-        engine, _ = build_engine(cfg, str(device))
+        return step
+    from anonrisk.attack.engine import build_engine, contrastive_step
 
-        def step():
-            contrastive_step(engine, anon, orig, labels)
-            engine.step(1e-4)
+    cfg = AttackConfig(backbone=spec["backbone"], input="rgb", embed_dim=spec["embed_dim"], batch_size=b, lr=1e-4,
+                       engine=spec["kind"], precision=spec["precision"], grad_cache_chunk=spec.get("chunk"),
+                       zero_stage=spec.get("zero_stage"), freeze_bn=spec.get("chunk") is not None)
+    engine, _ = build_engine(cfg, str(device))
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    def step():
+        contrastive_step(engine, anon, orig, labels)
+        engine.step(1e-4)
 
+    return step
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker_memory(spec: dict) -> dict:
+    """Peak memory of one configuration (its own process): warm-up steps plus one measured step."""
+    import torch
+
+    device = torch.device(spec["device"])
+    import timm  # noqa: F401  (imports and the process group are not the step's memory)
+
+    import anonrisk.attack.engine  # noqa: F401
+
+    if spec["kind"] == "deepspeed":
+        from anonrisk.attack.dist import init_process_group
+
+        init_process_group(always=True)
     monitor = PeakRSS(spec.get("cap_bytes")) if device.type == "cpu" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        for _ in range(spec["warmup"]):
-            step()
-        sync()
+        step = make_step(spec, device)
         t0 = time.perf_counter()
-        for _ in range(spec["iters"]):
+        for _ in range(1 + spec.get("warmup", 0)):
             step()
-        sync()
-        seconds = time.perf_counter() - t0
+        _sync(device)
     except torch.OutOfMemoryError:
         return {"fits": False, "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else monitor.peak
-    iters = max(spec["iters"], 1)
-    return {"fits": True, "img_per_s": 2 * b * spec["iters"] / seconds if spec["iters"] else None,
-            "step_s": seconds / iters, "peak_mem_gb": peak / 2**30}
+    return {"fits": True, "peak_mem_gb": peak / 2**30, "seconds": time.perf_counter() - t0}
+
+
+def worker_timing(spec: dict) -> dict:
+    """Step times of several configurations in one process, interleaved round by round, so that load from
+    other processes falls on all of them alike; images/s from each one's median step time."""
+    import torch
+
+    device = torch.device(spec["device"])
+    steps = {}
+    for c in spec["configs"]:
+        try:
+            steps[c["label"]] = make_step({**spec["common"], **c}, device)
+        except torch.OutOfMemoryError:
+            steps[c["label"]] = None
+    times = {k: [] for k in steps}
+    for _ in range(spec["warmup"]):
+        for k, step in steps.items():
+            if step:
+                step()
+    _sync(device)
+    for _ in range(spec["rounds"]):
+        for k, step in steps.items():
+            if step is None:
+                continue
+            try:
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                times[k].append(time.perf_counter() - t0)
+            except torch.OutOfMemoryError:
+                steps[k] = None
+    b = spec["common"]["batch"]
+    return {k: ({"img_per_s": 2 * b / statistics.median(v), "step_s": statistics.median(v)} if v else {"fits": False})
+            for k, v in times.items()}
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    return worker_timing(spec) if spec.get("mode") == "timing" else worker_memory(spec)
 
 
 def run_worker(spec: dict, timeout: float = 3600) -> dict:
@@ -177,26 +236,34 @@ def main(argv=None):
     precision = args.precision if args.precision != "auto" else ("bf16" if cuda else "fp32")
     batches = [int(x) for x in (args.batch_sizes or ("256,512" if cuda else "16,64,256")).split(",")]
     chunks = [None if c == "none" else int(c) for c in (args.chunks or ("none,128" if cuda else "none,16")).split(",")]
-    iters = args.iters if args.iters is not None else (10 if cuda else 5)
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    iters = args.iters if args.iters is not None else (10 if cuda else 7)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
     base = {"device": args.device, "backbone": backbone, "image_size": size, "embed_dim": args.embed_dim,
             "precision": precision, "iters": iters, "warmup": warmup, "threads": args.threads}
 
     rows = []
     for b in batches:
-        bare = run_worker({**base, "kind": "bare", "batch": b})
-        rows.append({"engine": "bare", "zero_stage": None, "batch": b, "chunk": None, **bare, "vs_bare": 1.0 if bare.get("fits") else None})
-        print(f"bare b={b}: {bare}", file=sys.stderr)
+        configs = [{"label": "bare", "kind": "bare", "chunk": None, "zero_stage": None}]
         for engine in args.engines.split(","):
             stages = [int(s) for s in args.zero_stages.split(",")] if engine == "deepspeed" else [None]
             for stage in stages:
                 for chunk in chunks:
                     if chunk is not None and (chunk >= b or b % chunk):
                         continue
-                    r = run_worker({**base, "kind": engine, "batch": b, "chunk": chunk, "zero_stage": stage})
-                    ratio = r["img_per_s"] / bare["img_per_s"] if r.get("fits") and bare.get("fits") else None
-                    rows.append({"engine": engine, "zero_stage": stage, "batch": b, "chunk": chunk, **r, "vs_bare": ratio})
-                    print(f"{engine} z={stage} b={b} chunk={chunk}: {r} ratio={ratio}", file=sys.stderr)
+                    configs.append({"label": f"{engine}-z{stage}-c{chunk}", "kind": engine, "chunk": chunk, "zero_stage": stage})
+        timing = run_worker({"mode": "timing", "device": args.device, "threads": args.threads, "configs": configs,
+                             "common": {**base, "batch": b}, "rounds": iters, "warmup": warmup})
+        print(f"timing b={b}: {timing}", file=sys.stderr)
+        bare_ips = timing.get("bare", {}).get("img_per_s")
+        for c in configs:
+            mem = run_worker({**base, **c, "batch": b, "warmup": 1})
+            t = timing.get(c["label"], {})
+            ips = t.get("img_per_s")
+            rows.append({"engine": c["kind"], "zero_stage": c["zero_stage"], "batch": b, "chunk": c["chunk"],
+                         "fits": bool(ips) and mem.get("fits", False), "img_per_s": ips, "step_s": t.get("step_s"),
+                         "peak_mem_gb": mem.get("peak_mem_gb"), "vs_bare": ips / bare_ips if ips and bare_ips else None,
+                         **({"error": mem["error"]} if "error" in mem else {})})
+            print(f"{c['label']} b={b}: {rows[-1]}", file=sys.stderr)
 
     search = {}
     if not args.skip_search:
@@ -208,7 +275,7 @@ def main(argv=None):
             b, best, tried = start, None, []
             while b <= top:
                 spec = {**base, "kind": "bare" if label == "bare" else "torch", "batch": b, "chunk": engine_chunk,
-                        "iters": 1, "warmup": 0, "cap_bytes": cap}
+                        "warmup": 0, "cap_bytes": cap}
                 r = run_worker(spec)
                 tried.append({"batch": b, **r})
                 print(f"search {label} b={b}: {r}", file=sys.stderr)
@@ -250,7 +317,7 @@ def render(doc: dict) -> str:
     for key, e in sorted(doc.items()):
         lines += [f"## {key}: {e['device']}", "",
                   f"{e['time']}; torch {e['torch']}, deepspeed {e.get('deepspeed', '-')}; {e['backbone']} at {e['image_size']} px, "
-                  f"{e['precision']}, {e['warmup']} warm-up + {e['iters']} timed steps.", "",
+                  f"{e['precision']}, {e['warmup']} warm-up + {e['iters']} timed rounds, interleaved (median step).", "",
                   "| engine | ZeRO | batch (pairs) | chunk | img/s | vs bare | peak mem GB |", "|---|---:|---:|---:|---:|---:|---:|"]
         for r in e["rows"]:
             ips = f"{r['img_per_s']:.1f}" if r.get("img_per_s") else ("does not fit" if not r.get("fits") else "-")

@@ -320,7 +320,7 @@ class TorchEngine(Engine):
         return int(ckpt["step"])
 
     def export(self):
-        return {k: v.detach().float().cpu().contiguous() for k, v in self.module.encoder.state_dict().items()}
+        return {k: _fp32(v).cpu().contiguous() for k, v in self.module.encoder.state_dict().items()}
 
 
 class DeepSpeedEngine(Engine):
@@ -415,7 +415,7 @@ class DeepSpeedEngine(Engine):
                     full = p.detach().clone()
             out[name] = full.float().cpu()
         for name, b in self.module.named_buffers():
-            out[name] = b.detach().float().cpu()
+            out[name] = _fp32(b).cpu()
         return out
 
     def export(self):
@@ -424,6 +424,11 @@ class DeepSpeedEngine(Engine):
 
     def export_log_t(self):
         return self._full_params()["log_t"]
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """Floating tensors as fp32 (bf16 engines export fp32 weights); counters keep their integer type."""
+    return t.detach().float() if t.is_floating_point() else t.detach()
 
 
 def _weights_only_checkpoint_engine(base):

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 def _multi_positive_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Mean over rows of -mean_{j in positives(i)} log softmax(logits_i)_j."""
     logp = F.log_softmax(logits, dim=1)
-    pos = positives.float()
-    return -((logp * pos).sum(1) / pos.sum(1)).mean()
+    # masked sum rather than logp * positives.float(): no second (N, M) float matrix kept for backward
+    return -(logp.masked_fill(~positives, 0.0).sum(1) / positives.sum(1)).mean()
 
 
 def contrastive_loss(
