@@ -3,8 +3,8 @@
     python benchmarks/batch_size_study.py configs/studies/batch_size_quickstart.yaml   # CPU, minutes
     python benchmarks/batch_size_study.py configs/studies/batch_size_celeba.yaml       # GPUs, CelebA
 
-The study file names a base run config plus overrides, the batch sizes, a fixed number of epochs (steps =
-ceil(epochs * training pairs / batch)), ``per_identity``, the lr scaling rule and the GradCache chunk used for
+The study file names a base run config plus overrides, the batch sizes, a fixed budget (``epochs``: steps =
+ceil(epochs * training pairs / batch), or ``steps``: the same number of updates at every batch size), ``per_identity``, the lr scaling rule and the GradCache chunk used for
 larger batches. Every cell is an ordinary pipeline run (fingerprinted stages: data and anonymization are
 shared, a rerun reuses finished cells). Writes ``results/<name>/study.json``, ``study.md`` and ``plot.png``.
 """
@@ -24,7 +24,8 @@ if str(REPO) not in sys.path:
 
 
 def cell_overrides(study: dict, batch: int, train_pairs: int) -> list[str]:
-    steps = math.ceil(study["epochs"] * train_pairs / batch)
+    # fixed steps: every batch size gets as many updates; fixed epochs: every batch size sees as many images
+    steps = study["steps"] if "steps" in study else math.ceil(study["epochs"] * train_pairs / batch)
     lr_rule = study.get("lr", {})
     lr = lr_rule.get("base", 0.003)
     if lr_rule.get("scaling", "none") == "sqrt":
@@ -96,8 +97,7 @@ def render(doc: dict) -> str:
     s = doc["study"]
     lines = [f"# Re-identification vs contrastive batch size: {s['name']}", "",
              f"`benchmarks/batch_size_study.py` on `{doc['base_config']}` with {', '.join(f'`{o}`' for o in doc['overrides'])}. "
-             f"Fixed budget: {s['epochs']} epochs of {doc['train_pairs']} training pairs at every batch size "
-             f"(steps = epochs x pairs / batch), {s.get('per_identity')} images per identity per batch, lr "
+             f"{budget(s, doc['train_pairs'])}, {s.get('per_identity')} images per identity per batch, lr "
              f"{s.get('lr', {}).get('scaling', 'fixed')}-scaled from {s.get('lr', {}).get('base')} at batch {s.get('lr', {}).get('base_batch')}; "
              f"GradCache chunk {s.get('grad_cache_chunk')} above it. Metric: top-1, {doc['metric']}, 95 % bootstrap interval by identity. "
              f"Total {doc['total_seconds'] / 60:.1f} min.", "",
@@ -111,6 +111,13 @@ def render(doc: dict) -> str:
     chance = doc["rows"][0]["chance"] if doc["rows"] else None
     lines += ["", f"Chance top-1: {chance:.3f}." if chance else ""]
     return "\n".join(lines) + "\n"
+
+
+def budget(s: dict, train_pairs: int) -> str:
+    if "steps" in s:
+        return f"Fixed budget: {s['steps']} steps at every batch size (a larger batch sees more images)"
+    return (f"Fixed budget: {s['epochs']} epochs of {train_pairs} training pairs at every batch size "
+            "(steps = epochs x pairs / batch: a larger batch takes fewer steps)")
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -132,7 +139,8 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("contrastive batch (pairs)")
     ax.set_ylabel(f"top-1 ({doc['metric']})")
-    ax.set_title(f"{doc['study']['name']}: fixed {doc['study']['epochs']} epochs")
+    s = doc["study"]
+    ax.set_title(f"{s['name']}: fixed {s['steps']} steps" if "steps" in s else f"{s['name']}: fixed {s['epochs']} epochs")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

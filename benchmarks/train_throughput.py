@@ -8,7 +8,7 @@
 Timing: all configurations of one batch size are built in one process and stepped round by round
 (interleaved, so load from other processes falls on all alike); images/s from each one's median step time.
 Peak memory: each configuration again in a fresh process of its own. Inputs are synthetic and already on
-the device (data loading is not measured on either side). The configurations:
+the device as uint8, made float inside the step on both sides (data loading is not measured). The configurations:
 - ``bare``: the reference, written plainly: Encoder forward over [anonymized; originals], symmetric InfoNCE,
   backward, AdamW step (fused on CUDA); bf16 autocast + channels_last on CUDA, fp32 on the CPU.
 - ``torch`` / ``deepspeed``: ``anonrisk.attack.engine`` (``build_engine`` + ``contrastive_step`` +
@@ -46,7 +46,7 @@ def parse(argv=None):
     ap.add_argument("--image-size", type=int, default=None, help="pixels (default 32 cpu, 224 cuda)")
     ap.add_argument("--embed-dim", type=int, default=128)
     ap.add_argument("--batch-sizes", default=None, help="pairs per step, comma separated (default 16,64,256 cpu; 256,512 cuda)")
-    ap.add_argument("--chunks", default=None, help="GradCache chunks in pairs, 'none' = whole batch (default none,16 cpu; none,128 cuda)")
+    ap.add_argument("--chunks", default=None, help="GradCache chunks in pairs, 'none' = whole batch (default none,16,64 cpu; none,128 cuda)")
     ap.add_argument("--engines", default="torch,deepspeed")
     ap.add_argument("--zero-stages", default="0,2,3", help="for the deepspeed engine")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on cuda, fp32 on cpu")
@@ -98,8 +98,9 @@ def make_step(spec: dict, device):
 
     b, size = spec["batch"], spec["image_size"]
     g = torch.Generator(device="cpu").manual_seed(0)
-    anon = torch.randn(b, 3, size, size, generator=g).to(device)
-    orig = torch.randn(b, 3, size, size, generator=g).to(device)
+    # uint8 images on the device, made float per step (bare) or per GradCache chunk (engines), as in training
+    anon = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8).to(device)
+    orig = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8).to(device)
     labels = torch.arange(b, device=device)
     bf16 = spec["precision"] == "bf16"
     if spec["kind"] == "bare":
@@ -109,11 +110,10 @@ def make_step(spec: dict, device):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        x = torch.cat([anon, orig])
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-
         def step():
+            x = Encoder.preprocess(torch.cat([anon, orig]))
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 emb = model(x)
             loss = contrastive_loss(emb[:b].float(), emb[b:].float(), 0.1)
@@ -130,7 +130,7 @@ def make_step(spec: dict, device):
     engine, _ = build_engine(cfg, str(device))
 
     def step():
-        contrastive_step(engine, anon, orig, labels)
+        contrastive_step(engine, anon, orig, labels, lambda x, rows, side: Encoder.preprocess(x))
         engine.step(1e-4)
 
     return step
@@ -235,7 +235,7 @@ def main(argv=None):
     size = args.image_size or (224 if cuda else 32)
     precision = args.precision if args.precision != "auto" else ("bf16" if cuda else "fp32")
     batches = [int(x) for x in (args.batch_sizes or ("256,512" if cuda else "16,64,256")).split(",")]
-    chunks = [None if c == "none" else int(c) for c in (args.chunks or ("none,128" if cuda else "none,16")).split(",")]
+    chunks = [None if c == "none" else int(c) for c in (args.chunks or ("none,128" if cuda else "none,16,64")).split(",")]
     iters = args.iters if args.iters is not None else (10 if cuda else 7)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
     base = {"device": args.device, "backbone": backbone, "image_size": size, "embed_dim": args.embed_dim,
@@ -311,9 +311,11 @@ def main(argv=None):
 
 def render(doc: dict) -> str:
     lines = ["# Contrastive training throughput", "",
-             "Written by `benchmarks/train_throughput.py`: images/s (both images of a pair) and peak memory per "
-             "configuration, each in its own process, beside a bare PyTorch loop measured in the same run "
-             "(`vs bare` = engine / bare at the same batch). `chunk` = GradCache pairs per chunk (- = whole batch).", ""]
+             "Written by `benchmarks/train_throughput.py`: images/s (both images of a pair; all configurations of a "
+             "batch size stepped round by round in one process, median step) and peak memory (each configuration in "
+             "its own process), beside a bare PyTorch loop measured in the same run (`vs bare` = engine / bare at the "
+             "same batch). `chunk` = GradCache pairs per chunk (- = whole batch). GradCache memory grows with the "
+             "batch through the (N x N) similarity matrices of the loss (a few of them are kept for backward).", ""]
     for key, e in sorted(doc.items()):
         lines += [f"## {key}: {e['device']}", "",
                   f"{e['time']}; torch {e['torch']}, deepspeed {e.get('deepspeed', '-')}; {e['backbone']} at {e['image_size']} px, "

@@ -24,7 +24,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -473,19 +473,29 @@ def build_engine(cfg: AttackConfig, device: str) -> tuple[Engine, Plan]:
     return engine, plan
 
 
-def contrastive_step(engine: Engine, anon: torch.Tensor, orig: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-    """Backward of one contrastive step on this rank's share (``anon``, ``orig``: (n, 3, H, W) float on the
-    engine's device; ``labels``: global identity ids or None for pairs). Returns this rank's loss; the mean
-    over ranks is the global-batch loss. The caller runs ``engine.step(lr)``."""
+def contrastive_step(engine: Engine, anon: torch.Tensor, orig: torch.Tensor, labels: Optional[torch.Tensor],
+                     prepare: Optional[Callable[[torch.Tensor, slice, int], torch.Tensor]] = None) -> torch.Tensor:
+    """Backward of one contrastive step on this rank's share (``anon``, ``orig``: (n, ...) images;
+    ``labels``: global identity ids or None for pairs). Returns this rank's loss; the mean over ranks is the
+    global-batch loss. The caller runs ``engine.step(lr)``.
+
+    ``prepare(images, rows, side)`` turns rows ``rows`` of one side (0 anonymized, 1 original) into the
+    model's float input on the engine's device; it runs per GradCache chunk (twice: embedding pass and
+    re-run), so a batch of 32,768 uint8 pairs never exists as one float tensor. Default: the images as given.
+    """
     n = anon.shape[0]
     chunk = engine.plan.chunk or n
+    prepare = prepare or (lambda x, rows, side: x)
 
     def loss_fn(embs: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
         a = torch.cat([e[: e.shape[0] // 2] for e in embs])
         b = torch.cat([e[e.shape[0] // 2:] for e in embs])
         return gathered_contrastive_loss(a, b, t.float(), labels)
 
-    inputs = [torch.cat([anon[i:i + chunk], orig[i:i + chunk]]) for i in range(0, n, chunk)]
+    def make(rows: slice):
+        return lambda: torch.cat([prepare(anon[rows], rows, 0), prepare(orig[rows], rows, 1)])
+
+    inputs = [make(slice(i, i + chunk)) for i in range(0, n, chunk)]
     if len(inputs) == 1:
         return full_batch_step(engine.forward, inputs[0], loss_fn, engine.backward, engine.chunk)
     return grad_cache_step(engine.forward, inputs, loss_fn, engine.backward, engine.chunk)

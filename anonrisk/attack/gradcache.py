@@ -15,11 +15,13 @@ normalises per chunk, not per batch: freeze it (``attack.freeze_bn``) to keep ch
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence, Union
 
 import torch
 
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (embeddings, temperature)
+# a chunk: its input tensor, or a function making it (so a huge batch never exists as one float tensor)
+Chunk = Union[torch.Tensor, Callable[[], torch.Tensor]]
 LossFn = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]  # (chunk embeddings, temperature) -> loss
 Backward = Callable[[torch.Tensor], None]  # scalar -> None (accumulates parameter gradients)
 # wraps the forward + backward of one chunk; True for the step's last chunk (the one whose backward syncs)
@@ -49,24 +51,30 @@ class RandState:
             yield
 
 
-def full_batch_step(forward: Forward, x: torch.Tensor, loss_fn: LossFn, backward: Backward,
+def full_batch_step(forward: Forward, x: Chunk, loss_fn: LossFn, backward: Backward,
                     chunk_context: ChunkContext = _no_context) -> torch.Tensor:
     """The reference: one forward over everything, one backward. Returns the loss (detached)."""
     with chunk_context(True):
-        emb, t = forward(x)
+        emb, t = forward(_input(x))
         loss = loss_fn([emb.float()], t)
         backward(loss)
     return loss.detach()
 
 
-def grad_cache_step(forward: Forward, chunks: Sequence[torch.Tensor], loss_fn: LossFn, backward: Backward,
+def _input(chunk: Chunk) -> torch.Tensor:
+    return chunk() if callable(chunk) else chunk
+
+
+def grad_cache_step(forward: Forward, chunks: Sequence[Chunk], loss_fn: LossFn, backward: Backward,
                     chunk_context: ChunkContext = _no_context) -> torch.Tensor:
     """GradCache over ``chunks`` (see the module doc). Parameter gradients equal ``full_batch_step``'s on
-    ``torch.cat(chunks)`` for chunk-invariant models. Returns the loss (detached)."""
+    ``torch.cat(chunks)`` for chunk-invariant models. A chunk given as a function is made twice (embedding
+    pass and re-run) and must give the same tensor both times. Returns the loss (detached)."""
     states, cached = [], []
     temperature = None
     with torch.no_grad():
-        for x in chunks:
+        for c in chunks:
+            x = _input(c)
             states.append(RandState(x.device))
             emb, t = forward(x)
             cached.append(emb.float())
@@ -76,8 +84,9 @@ def grad_cache_step(forward: Forward, chunks: Sequence[torch.Tensor], loss_fn: L
     loss = loss_fn(leaves, t_leaf)
     loss.backward()  # gradients w.r.t. the embeddings (and temperature) only: no parameter is in this graph
     t_grad = t_leaf.grad
-    for i, (x, state, leaf) in enumerate(zip(chunks, states, leaves)):
+    for i, (c, state, leaf) in enumerate(zip(chunks, states, leaves)):
         last = i == len(chunks) - 1
+        x = _input(c)
         with chunk_context(last):
             with state.restored():
                 emb, t = forward(x)

@@ -143,14 +143,18 @@ def train_attack(
             lr = lr_at(step, cfg)
             torch.manual_seed(step_seed(cfg.seed, step, 2, rank))  # randomness inside the model (drop path)
             idx = sampler(step)  # the global batch; this rank takes its slice
-            anon, orig = (Encoder.preprocess(t).to(dev) for t in pairs.batch(idx[mine]))
-            if cfg.augment:
+            anon, orig = pairs.batch(idx[mine])  # uint8; made float per chunk by prepare
+            sides = None
+            if cfg.augment:  # drawn for the whole global batch: an image's augmentation ignores the rank count
                 gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1))
-                pa, pb = augment_params(len(idx), gen), augment_params(len(idx), gen)
-                anon = apply_augment(anon, {k: v[mine] for k, v in pa.items()})
-                orig = apply_augment(orig, {k: v[mine] for k, v in pb.items()})
+                sides = [{k: v[mine] for k, v in augment_params(len(idx), gen).items()} for _ in range(2)]
+
+            def prepare(x, rows, side, sides=sides):
+                x = Encoder.preprocess(x.to(dev))
+                return apply_augment(x, {k: v[rows] for k, v in sides[side].items()}) if sides else x
+
             labels = torch.as_tensor(pairs.identity[idx[mine]], device=dev) if cfg.positives == "identity" else None
-            loss = _mean_over_ranks(contrastive_step(engine, anon, orig, labels))
+            loss = _mean_over_ranks(contrastive_step(engine, anon, orig, labels, prepare))
             engine.step(lr)
             log.write(json.dumps({"step": step, "loss": round(loss, 6), "lr": lr}) + "\n")
             log.flush()
