@@ -58,7 +58,7 @@ def cmd_stage(args) -> int:
         doc = pipe.run()
         print(doc["table"])
         return 0
-    pipe.validate_anonymizers()
+    pipe.validate()
     for spec in _select(pipe, args.only):
         if args.command == "anonymize":
             print(f"anonymize {spec.name}: {pipe.anonymize(spec).path}")
@@ -77,7 +77,7 @@ def cmd_validate(args) -> int:
     from anonrisk.pipeline import Pipeline
 
     cfg = _load(args)
-    Pipeline(cfg).validate_anonymizers()
+    Pipeline(cfg).validate()
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     print(f"# valid: {args.config or '<defaults>'}", file=sys.stderr)
     return 0

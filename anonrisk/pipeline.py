@@ -69,6 +69,18 @@ class Pipeline:
         for spec in self.cfg.anonymizers:
             build_anonymizer(spec).validate()
 
+    def validate_training(self) -> None:
+        """Refuse an impossible training plan (fp16 on the CPU, a batch the launched ranks cannot share,
+        GradCache on an unsupported ZeRO stage, ...) before any stage runs."""
+        from anonrisk.attack.dist import read_env
+        from anonrisk.attack.engine import validate_plan
+
+        validate_plan(self.cfg.attack, resolve_device(self.cfg.attack.device), read_env().world_size)
+
+    def validate(self) -> None:
+        self.validate_anonymizers()
+        self.validate_training()
+
     def anonymize(self, spec: AnonymizerSpec) -> StageDir:
         anonymizer, stage = self.anonymizer_stage(spec)
         if stage.is_done():
@@ -97,6 +109,13 @@ class Pipeline:
         stage = self.train_stage(spec)
         if stage.is_done():
             return stage
+        from anonrisk.attack.dist import read_env
+
+        if read_env().world_size > 1 and not self.anonymizer_stage(spec)[1].is_done():
+            from anonrisk.errors import ConfigError
+
+            # several ranks would write the same shards: anonymize once, then launch the training ranks
+            raise ConfigError(f"multi-process training of {spec.name!r}: run `anonrisk anonymize` first (one process)")
         anon_stage = self.anonymize(spec)
         train_attack(
             self.cfg.attack,
@@ -142,7 +161,7 @@ class Pipeline:
     def run(self, only: Optional[list[str]] = None) -> dict:
         from anonrisk.report.report import write_report
 
-        self.validate_anonymizers()
+        self.validate()
         self.prepare()
         results = {}
         for spec in self.cfg.anonymizers:

@@ -76,21 +76,36 @@ class IdentitySampler:
         return np.concatenate([rng.choice(self.members[i], m, replace=len(self.members[i]) < m) for i in ids])
 
 
+def augment_params(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The random draws of ``augment`` for ``n`` images, per image (rows), so a rank can draw them for the
+    whole global batch and apply its own rows: the same image gets the same augmentation whatever the
+    number of ranks."""
+    u = lambda *s: torch.rand(*s, generator=generator) * 2 - 1  # noqa: E731
+    return {
+        "scale": u(n),
+        "shift": u(n, 2),
+        "perm": torch.argsort(torch.rand(n, 3, generator=generator), dim=1),
+        "gray": torch.rand(n, generator=generator) < 0.3,
+        "gain": u(n, 1, 1, 1),
+        "bias": u(n, 1, 1, 1),
+    }
+
+
+def apply_augment(x: torch.Tensor, p: dict[str, torch.Tensor], max_shift: float = 0.06, max_scale: float = 0.06) -> torch.Tensor:
+    n = x.shape[0]
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 + max_scale * p["scale"]
+    theta[:, :, 2] = max_shift * 2 * p["shift"]
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
+    perm = p["perm"].to(x.device)
+    x = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
+    gray = p["gray"].to(x.device)
+    x = torch.where(gray[:, None, None, None], x.mean(1, keepdim=True).expand_as(x), x)
+    return x * (1 + 0.2 * p["gain"].to(x.device)) + 0.2 * p["bias"].to(x.device)
+
+
 def augment(x: torch.Tensor, generator: torch.Generator, max_shift: float = 0.06, max_scale: float = 0.06) -> torch.Tensor:
     """Random small translation/scale, colour channel permutation, grayscale, brightness/contrast per image
     (float NCHW). Colour is nuisance to an identity attack: the permutation and grayscale teach that."""
-    n = x.shape[0]
-    u = lambda *s: torch.rand(*s, generator=generator) * 2 - 1  # noqa: E731
-    scale = 1 + max_scale * u(n)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = scale
-    theta[:, :, 2] = max_shift * 2 * u(n, 2)
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
-    perm = torch.argsort(torch.rand(n, 3, generator=generator), dim=1).to(x.device)
-    x = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
-    gray = (torch.rand(n, generator=generator) < 0.3).to(x.device)
-    x = torch.where(gray[:, None, None, None], x.mean(1, keepdim=True).expand_as(x), x)
-    gain = (1 + 0.2 * u(n, 1, 1, 1)).to(x.device)
-    bias = (0.2 * u(n, 1, 1, 1)).to(x.device)
-    return x * gain + bias
+    return apply_augment(x, augment_params(x.shape[0], generator), max_shift, max_scale)

@@ -1,8 +1,11 @@
-"""Train the contrastive attack (plain PyTorch engine) with step checkpoints and exact resume.
+"""Train the contrastive attack with step checkpoints and exact resume, on either engine (``engine.py``).
 
-The stage directory holds ``checkpoints/last.pt`` (model, optimizer, step), ``log.jsonl`` (loss per step)
-and, when finished, ``encoder.safetensors`` + DONE. A SIGTERM/SIGUSR1 (Slurm preemption, a time limit)
-writes a checkpoint before exiting; a rerun resumes from the last checkpoint.
+The stage directory holds ``checkpoints/`` (``last.pt`` for the torch engine; ``last.json`` naming a
+DeepSpeed checkpoint tag under ``deepspeed/`` for DeepSpeed), ``log.jsonl`` (global loss per step), the
+DeepSpeed config actually used (``deepspeed_config.json``) and, when finished, ``encoder.safetensors`` + DONE.
+A SIGTERM/SIGUSR1 (Slurm preemption, a time limit) on any rank writes a checkpoint before exiting; a rerun
+resumes from the last checkpoint. Launch several processes with torchrun, the deepspeed launcher or srun
+(docs/training.md): every rank trains on its slice of the same global batch, drawn from (seed, step).
 """
 
 from __future__ import annotations
@@ -18,15 +21,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from anonrisk.attack.data import IdentitySampler, PairSource, augment
-from anonrisk.attack.losses import contrastive_loss
+from anonrisk.attack.data import IdentitySampler, PairSource, apply_augment, augment_params
 from anonrisk.attack.model import Encoder
 from anonrisk.config.schema import AttackConfig
 from anonrisk.data.records import FaceRecord
 from anonrisk.errors import AnonriskError
-from anonrisk.stages import StageDir, atomic_path, fingerprint
+from anonrisk.stages import StageDir, fingerprint, write_json
 
-TRAIN_VERSION = 1
+TRAIN_VERSION = 2  # 2: one forward over [anonymized; originals], engines, per-(seed, step, rank) torch seed
 
 
 class Preempted(AnonriskError):
@@ -67,16 +69,29 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def build_model(cfg: AttackConfig) -> tuple[Encoder, torch.Tensor]:
-    torch.manual_seed(cfg.seed)
-    model = Encoder(cfg.backbone, cfg.embed_dim, cfg.pretrained, cfg.input)
-    log_t = torch.nn.Parameter(torch.tensor(math.log(cfg.temperature)), requires_grad=cfg.learn_temperature)
-    return model, log_t
+def step_seed(seed: int, step: int, *more: int) -> int:
+    return int(np.random.default_rng([seed, step, *more]).integers(2**62))
 
 
-def save_checkpoint(path: Path, model, log_t, opt, step: int) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "log_t": log_t.detach(), "opt": opt.state_dict(), "step": step}, tmp)
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any (a signal reaches ranks at different steps)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _mean_over_ranks(x: torch.Tensor) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(x)
+    t = x.detach().float().cpu().reshape(1)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
 
 
 def train_attack(
@@ -88,64 +103,78 @@ def train_attack(
     device: str = "cpu",
     progress: bool = True,
 ) -> Path:
-    """Train (or resume, or reuse) the encoder; returns the path of its weights."""
+    """Train (or resume, or reuse) the encoder; returns the path of its weights. Under a multi-process
+    launch every rank calls this; rank 0 writes the log, the weights and DONE."""
     from safetensors.torch import save_file
     from tqdm import tqdm
+
+    from anonrisk.attack.dist import barrier
+    from anonrisk.attack.engine import build_engine, contrastive_step
 
     weights = stage / "encoder.safetensors"
     if stage.is_done():
         return weights
-    stage.begin({"attack": cfg.model_dump(), "image_size": image_size})
+    engine, plan = build_engine(cfg, device)  # validates the plan: impossible combinations stop here
+    rank, per_rank = engine.rank, plan.per_rank_batch
+    main = rank == 0
+    if main:
+        stage.begin({"attack": cfg.model_dump(), "image_size": image_size})
+        if plan.ds_config:
+            write_json(stage / "deepspeed_config.json", plan.ds_config)  # the config DeepSpeed really got
+    barrier()
     pairs = PairSource([r for r in anonymized if r.split == "train"], originals, image_size)
     per_identity = cfg.per_identity if cfg.positives == "identity" else 1
     sampler = IdentitySampler(pairs.identity, cfg.batch_size, cfg.seed, per_identity)
-    model, log_t = build_model(cfg)
-    model.to(device).train()
-    params = list(model.parameters()) + ([log_t] if cfg.learn_temperature else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    ckpt_path = stage / "checkpoints/last.pt"
-    start = 0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        log_t.data.copy_(ckpt["log_t"])
-        opt.load_state_dict(ckpt["opt"])
-        start = int(ckpt["step"])
+    ckpt_dir = stage / "checkpoints"
+    start = engine.load(ckpt_dir) or 0
     log_path = stage / "log.jsonl"
-    # keep the log consistent with the checkpoint: drop entries past the step we resume from
-    kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else []) if json.loads(line)["step"] < start]
-    log_path.write_text("".join(line + "\n" for line in kept))
+    if main:  # keep the log consistent with the checkpoint: drop entries past the step we resume from
+        kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else []) if json.loads(line)["step"] < start]
+        log_path.write_text("".join(line + "\n" for line in kept))
 
+    dev = engine.device
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
     t0 = time.perf_counter()
-    with StopFlag() as stop, open(log_path, "a") as log, tqdm(
-        total=cfg.steps, initial=start, desc=f"train {stage.fingerprint[-12:]}", disable=None if progress else True, leave=False
+    with StopFlag() as stop, open(log_path, "a") if main else open("/dev/null", "w") as log, tqdm(
+        total=cfg.steps, initial=start, desc=f"train {stage.fingerprint[-12:]}", disable=None if (progress and main) else True, leave=False
     ) as bar:
         for step in range(start, cfg.steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            idx = sampler(step)
-            anon, orig = (Encoder.preprocess(t).to(device) for t in pairs.batch(idx))
-            if cfg.augment:
-                gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, 1]).integers(2**62)))
-                anon, orig = augment(anon, gen), augment(orig, gen)
-            labels = torch.as_tensor(pairs.identity[idx], device=device) if cfg.positives == "identity" else None
-            loss = contrastive_loss(model(anon), model(orig), log_t.exp(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            log.write(json.dumps({"step": step, "loss": round(loss.item(), 6), "lr": lr_at(step, cfg)}) + "\n")
+            lr = lr_at(step, cfg)
+            torch.manual_seed(step_seed(cfg.seed, step, 2, rank))  # randomness inside the model (drop path)
+            idx = sampler(step)  # the global batch; this rank takes its slice
+            anon, orig = pairs.batch(idx[mine])  # uint8; made float per chunk by prepare
+            sides = None
+            if cfg.augment:  # drawn for the whole global batch: an image's augmentation ignores the rank count
+                gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1))
+                sides = [{k: v[mine] for k, v in augment_params(len(idx), gen).items()} for _ in range(2)]
+
+            def prepare(x, rows, side, sides=sides):
+                x = Encoder.preprocess(x.to(dev))
+                return apply_augment(x, {k: v[rows] for k, v in sides[side].items()}) if sides else x
+
+            labels = torch.as_tensor(pairs.identity[idx[mine]], device=dev) if cfg.positives == "identity" else None
+            loss = _mean_over_ranks(contrastive_step(engine, anon, orig, labels, prepare))
+            engine.step(lr)
+            log.write(json.dumps({"step": step, "loss": round(loss, 6), "lr": lr}) + "\n")
             log.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
             done = step + 1
-            if done % cfg.checkpoint_every == 0 or stop.set:
-                save_checkpoint(ckpt_path, model, log_t, opt, done)
-            if stop.set and done < cfg.steps:
-                raise Preempted(f"training stopped by signal at step {done}; checkpoint saved in {ckpt_path}")
+            stopping = _any_rank(stop.set)
+            if done % cfg.checkpoint_every == 0 or stopping:
+                engine.save(ckpt_dir, done)
+            if stopping and done < cfg.steps:
+                raise Preempted(f"training stopped by signal at step {done}; checkpoint saved in {ckpt_dir}")
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    stage.mark_done({"steps": cfg.steps, "resumed_from": start, "seconds": time.perf_counter() - t0, "temperature": float(log_t.exp())})
+    state = engine.export()  # a collective under ZeRO-3: every rank calls it
+    temperature = engine.temperature()
+    if main:
+        save_file(state, str(weights))
+        stage.mark_done({"steps": cfg.steps, "resumed_from": start, "seconds": time.perf_counter() - t0, "temperature": temperature,
+                         "engine": plan.engine, "world_size": plan.world_size, "zero_stage": plan.zero_stage,
+                         "precision": plan.precision, "grad_cache_chunk": plan.chunk})
+    barrier()
     return weights
 
 

@@ -101,6 +101,14 @@ class AttackConfig(Strict):
     device: str = "auto"
     seed: int = 0
     extra: dict[str, Any] = {}  # engine-specific settings
+    # training engine (issue 4; docs/training.md)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs a GPU
+    grad_cache_chunk: Optional[int] = Field(None, ge=1)  # pairs per GradCache chunk; None: the whole batch at once
+    freeze_bn: bool = False  # BatchNorm on running statistics: makes GradCache chunking exact
+    deepspeed: Optional[str] = None  # DeepSpeed preset in configs/deepspeed/ (zero0..zero3) or a .json/.yaml path
+    zero_stage: Optional[int] = Field(None, ge=0, le=3)  # overrides the preset's ZeRO stage (default preset: zero2)
 
 
 class EvaluateConfig(Strict):
