@@ -1,5 +1,5 @@
 """Grid files -> stage graph (deduplicated by fingerprint), submit-time errors, the debug executor end to
-end, and `anonrisk compare`. The Slurm path is in tests/cluster/test_grid.py."""
+end, and `anonrisk compare`. The Slurm path is in tests/cluster/test_grid_slurm.py."""
 
 from __future__ import annotations
 
