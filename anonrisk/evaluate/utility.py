@@ -64,15 +64,15 @@ class LPIPS:
         if not cfg.lpips_backbone_weights or not cfg.lpips_linear_weights:
             raise Unavailable("LPIPS: evaluate.utility.lpips_backbone_weights and lpips_linear_weights are not both set "
                               "(local torchvision AlexNet/VGG16 weights and LPIPS linear layers; never downloaded)")
+        state = _state(cfg.lpips_backbone_weights, "LPIPS: evaluate.utility.lpips_backbone_weights")
+        lin = _state(cfg.lpips_linear_weights, "LPIPS: evaluate.utility.lpips_linear_weights")
         net = torchvision.models.alexnet() if cfg.lpips_net == "alex" else torchvision.models.vgg16()
-        backbone = {k.removeprefix("features."): v for k, v in _state(cfg.lpips_backbone_weights, "evaluate.utility.lpips_backbone_weights").items()
-                    if k.startswith("features.")}
+        backbone = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
         missing, _ = net.features.load_state_dict(backbone, strict=False)
         if missing:
             raise Unavailable(f"LPIPS: evaluate.utility.lpips_backbone_weights: not a torchvision {cfg.lpips_net} state dict ({len(missing)} feature keys missing)")
         self.features = net.features.eval()
         self.taps, widths = LPIPS_LAYERS[cfg.lpips_net]
-        lin = _state(cfg.lpips_linear_weights, "evaluate.utility.lpips_linear_weights")
         try:
             self.lin = [lin[f"lin{i}.model.1.weight"].float().reshape(1, w, 1, 1) for i, w in enumerate(widths)]
         except (KeyError, RuntimeError) as exc:
@@ -116,8 +116,8 @@ class InceptionFeatures:
 
         if not cfg.fid_weights:
             raise Unavailable("FID/KID: evaluate.utility.fid_weights is not set (a local torchvision Inception-v3 state dict; never downloaded)")
+        state = {k: v for k, v in _state(cfg.fid_weights, "FID/KID: evaluate.utility.fid_weights").items() if not k.startswith("AuxLogits.")}
         net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
-        state = {k: v for k, v in _state(cfg.fid_weights, "evaluate.utility.fid_weights").items() if not k.startswith("AuxLogits.")}
         missing, _ = net.load_state_dict(state, strict=False)
         if [k for k in missing if not k.startswith("fc.")]:
             raise Unavailable(f"FID/KID: evaluate.utility.fid_weights: {cfg.fid_weights} is not a torchvision inception_v3 state dict ({len(missing)} keys missing)")
@@ -141,15 +141,25 @@ class InceptionFeatures:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import linalg
+    """FID between two feature sets: |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
 
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular covariances (few images): regularise
-        eps = 1e-6 * np.eye(len(s1))
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(covmean)))
+    Tr((S_a S_b)^(1/2)) is the sum of the square roots of the eigenvalues of S_a S_b, which equal those of
+    the symmetric matrix C C^T / ((n_a - 1)(n_b - 1)) with C = A_c B_c^T (centred features): an n x n
+    eigenproblem instead of a d x d matrix square root, exact, and fast when there are fewer images than
+    feature dimensions."""
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    na, nb = len(a) - 1, len(b) - 1
+    if len(a) <= a.shape[1]:
+        c = ac @ bc.T
+        eig = np.linalg.eigvalsh(c @ c.T / (na * nb))
+    else:
+        sa = ac.T @ ac / na
+        w, v = np.linalg.eigh(sa)
+        root = (v * np.sqrt(np.maximum(w, 0))) @ v.T
+        eig = np.linalg.eigvalsh(root @ (bc.T @ bc / nb) @ root)
+    trace_sqrt = float(np.sqrt(np.maximum(eig, 0)).sum())
+    tr_a, tr_b = float((ac * ac).sum() / na), float((bc * bc).sum() / nb)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + tr_a + tr_b - 2 * trace_sqrt)
 
 
 def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subset: int = 100, subsets: int = 10, seed: int = 0) -> float:
