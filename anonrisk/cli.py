@@ -71,6 +71,15 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from anonrisk.evaluate.sweep import load_sweeps, run_sweeps
+
+    summary = run_sweeps(_load(args), load_sweeps(args.sweeps), args.config)
+    print((Path(summary["results_dir"]) / "sweep.md").read_text())
+    print(f"results: {summary['results_dir']}/ (sweep.json, sweep.md, plots/sweep_*.png, report.md, leaderboard.md)")
+    return 0
+
+
 def cmd_validate(args) -> int:
     import yaml
 
@@ -88,7 +97,7 @@ def cmd_ls(args) -> int:
     if not runs.is_dir():
         print(f"no runs under {runs}/")
         return 0
-    for stage in ("prepare", "anonymize", "train", "evaluate"):
+    for stage in ("prepare", "anonymize", "train", "evaluate", "quality", "embed"):
         for marker in sorted((runs / stage).glob("**/config.json")):
             d = marker.parent
             status = "done" if (d / "DONE").exists() else "partial"
@@ -116,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = with_config(sub.add_parser(stage, help=f"run the {stage} stage (and what it needs)"))
         sp.add_argument("--only", nargs="+", metavar="NAME", help="only these anonymizers")
         sp.set_defaults(fn=cmd_stage)
+    sw = with_config(sub.add_parser("sweep", help="leakage sweeps: re-identification and edge leakage against one anonymizer parameter"))
+    sw.add_argument("--sweeps", required=True, metavar="FILE", help="YAML sweep file (e.g. configs/sweeps/leakage.yaml)")
+    sw.set_defaults(fn=cmd_sweep)
     with_config(sub.add_parser("validate", help="check a config and print it resolved")).set_defaults(fn=cmd_validate)
     ls = sub.add_parser("ls", help="list stage directories and results")
     ls.add_argument("--runs-dir", default="runs")

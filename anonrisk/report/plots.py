@@ -134,3 +134,42 @@ def plot_leakage_vs_reid(results: dict[str, Any], path: Path, key: str = "full-r
     ax.set_ylim(-0.02, 1.05)
     _save(fig, path)
     plt.close(fig)
+
+
+def plot_sweep(sweep: dict[str, Any], path: Path, key: str = "full-ref/exclude-source", linkage: str = "full-ref/linkage") -> None:
+    """Top-1 per attack (exclude-source solid with its interval, linkage dashed) and edge leakage (right axis)
+    against the swept parameter."""
+    plt = _plt()
+    points = sweep["points"]
+    xs = [float(p["value"]) for p in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    attacks = list(dict.fromkeys(a for p in points for a in p["attacks"]))
+    chance = None
+    for a in attacks:
+        ms = [p["attacks"].get(a, {}).get(key) for p in points]
+        if not all(ms):
+            continue
+        chance = ms[0]["chance"]
+        line = ax.plot(xs, [m["value"] for m in ms], "o-", label=f"{a}")[0]
+        lo_hi = np.array([m["ci95"] for m in ms], dtype=float)
+        if np.isfinite(lo_hi).all():
+            ax.fill_between(xs, lo_hi[:, 0], lo_hi[:, 1], color=line.get_color(), alpha=0.15)
+        lk = [p["attacks"][a].get(linkage) for p in points]
+        if all(lk):
+            ax.plot(xs, [m["value"] for m in lk], "--", color=line.get_color(), lw=1, label=f"{a} (linkage)")
+    if chance is not None:
+        ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
+    ax.set_xlabel(f"{sweep['base']}: {sweep['param']}")
+    ax.set_ylabel(f"top-1 re-identification ({key})")
+    ax.set_ylim(0, 1.05)
+    if all(p["leakage"] for p in points):
+        ax2 = ax.twinx()
+        ax2.plot(xs, [p["leakage"]["edge_ssim"] for p in points], "s-", color="grey", alpha=0.7, label="edge SSIM")
+        ax2.plot(xs, [p["leakage"]["edge_f"] for p in points], "^-", color="silver", alpha=0.7, label="edge F")
+        ax2.set_ylabel("edge leakage")
+        ax2.set_ylim(0, 1.05)
+        ax2.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(sweep["name"], fontsize=9)
+    _save(fig, path)
+    plt.close(fig)
