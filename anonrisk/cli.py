@@ -50,7 +50,10 @@ def cmd_stage(args) -> int:
         print(f"prepare: {stage.path} ({len(pipe.records)} records)")
         return 0
     if args.command == "report":
-        missing = [s.name for s in pipe.cfg.anonymizers if not pipe.evaluate_stage(s).is_done()]
+        pipe.prepare()
+        unavailable = pipe.validate_attacks()
+        missing = [f"{s.name} x {a.name}" for s in pipe.cfg.anonymizers for a in pipe.cfg.attacks
+                   if a.name not in unavailable and not pipe.evaluate_stage(s, a).is_done()]
         if missing:
             from anonrisk.errors import AnonriskError
 
@@ -59,15 +62,24 @@ def cmd_stage(args) -> int:
         print(doc["table"])
         return 0
     pipe.validate_anonymizers()
+    trained = [a for a in pipe.cfg.attacks if a.kind in ("contrastive", "surrogate", "edge-encoder")]
+    if args.command != "anonymize":
+        pipe.prepare()
+        unavailable = pipe.validate_attacks()
     for spec in _select(pipe, args.only):
         if args.command == "anonymize":
             print(f"anonymize {spec.name}: {pipe.anonymize(spec).path}")
         elif args.command == "train":
-            print(f"train {spec.name}: {pipe.train(spec).path}")
+            for a in trained or [pipe.attack_spec("contrastive")]:
+                print(f"train {spec.name} ({a.name}): {pipe.train(spec, a).path}")
         else:
-            m = pipe.evaluate(spec)
-            top1 = next(iter(m["protocols"].values()))["top1"]["value"]
-            print(f"evaluate {spec.name}: {pipe.evaluate_stage(spec).path} (top-1 {top1:.3f})")
+            for a in pipe.cfg.attacks:
+                if a.name in unavailable:
+                    print(f"evaluate {spec.name} ({a.name}): skipped: {unavailable[a.name]}")
+                    continue
+                m = pipe.evaluate(spec, a)
+                top1 = next(iter(m["protocols"].values()))["top1"]["value"]
+                print(f"evaluate {spec.name} ({a.name}): {pipe.evaluate_stage(spec, a).path} (top-1 {top1:.3f})")
     return 0
 
 

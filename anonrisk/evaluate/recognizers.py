@@ -128,7 +128,7 @@ class DlibRecognizer(Recognizer):
 
 def load_weights(path: str | None, key: str, what: str) -> dict:
     """A state dict from a local ``.safetensors`` or ``torch.load(weights_only=True)`` file."""
-    import torch
+    from anonrisk.weights import read_state_dict
 
     if not path:
         raise Unavailable(f"{what}: {key}.params.weights is not set; its weights are never downloaded, give a local "
@@ -136,12 +136,7 @@ def load_weights(path: str | None, key: str, what: str) -> dict:
     p = Path(path).expanduser()
     if not p.exists():
         raise Unavailable(f"{what}: weights file not found: {p} ({key}.params.weights)")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    return read_state_dict(p)
 
 
 class TorchRecognizer(Recognizer):

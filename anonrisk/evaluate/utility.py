@@ -37,17 +37,12 @@ def ssim_psnr(original: np.ndarray, anonymized: np.ndarray) -> tuple[float, floa
 def _state(path: str, key: str) -> dict:
     from pathlib import Path
 
-    import torch
+    from anonrisk.weights import read_state_dict
 
     p = Path(path).expanduser()
     if not p.exists():
         raise Unavailable(f"{key}: weights file not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    return read_state_dict(p)
 
 
 class LPIPS:
