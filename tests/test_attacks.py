@@ -88,7 +88,7 @@ def test_missing_recognizer_weights_skip_the_column_with_a_reason(suite):
     assert "/nonexistent/facenet.safetensors" in card["attacks"]["facenet"]["skipped"]
     out = Path(doc["results_dir"])
     report = (out / "report.md").read_text()
-    assert report.count("skipped: ") >= 2 * 4 and "LPIPS skipped: " in report and "FID skipped: " in report
+    assert report.count("skipped: ") >= 2 * 4 and "LPIPS skipped: " in report and "FID, KID skipped: " in report
     # ... and everything else is still there
     assert report.count("### ") == 4 and "Worst case" in report
     for f in ("metrics.json", "leaderboard.md", "leaderboard.json", "plots/reid.png", "plots/privacy_utility.png",

@@ -82,6 +82,9 @@ def leaderboard_markdown(rows: list[dict[str, Any]], key: str = MAIN) -> str:
         cells += [_num(r["edge_ssim"], ".2f"), _num(r["ssim"], ".3f"), _num(r["psnr"], ".1f")] + [_num(r[m], ".4g") for m in optional]
         lines.append("| " + " | ".join(cells) + " |")
     chance = next((r["chance"] for r in rows if r["chance"] is not None), None)
+    skipped = {a: reason for r in rows for a, reason in r["skipped_attacks"].items()}
+    for a, reason in skipped.items():
+        lines.append(f"\nSkipped attack {a}: {reason}")
     note = (f"\nRanked by the strongest attack's chance-normalized top-1 on {key} (lower = more private); "
             f"chance top-1 = {_num(chance, '.3f')}; brackets: 95 % bootstrap interval by identity.\n")
     return "\n".join(lines) + "\n" + note
@@ -114,6 +117,9 @@ def card_markdown(name: str, card: dict[str, Any], keys: list[str]) -> str:
         parts = [f"SSIM {util['ssim']:.3f}", f"PSNR {util['psnr']:.1f} dB"]
         parts += [f"{m.upper()} {util[m]:.4g}" for m in ("lpips", "fid", "kid") if m in util]
         out.append(f"\nUtility: {', '.join(parts)}.")
+        by_reason: dict[str, list[str]] = {}
         for m, reason in util.get("skipped", {}).items():
-            out.append(f"- {m.upper()} skipped: {reason}")
+            by_reason.setdefault(reason, []).append(m.upper())
+        for reason, metrics in by_reason.items():
+            out.append(f"- {', '.join(metrics)} skipped: {reason}")
     return "\n".join(out) + "\n"

@@ -59,8 +59,8 @@ def plot_reid(results: dict[str, Any], path: Path, key: str = "full-ref/exclude-
         ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance ({chance:.3f})")
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylabel(f"re-identification {metric} ({key})")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylim(0, 1.3)
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
     _save(fig, path)
     plt.close(fig)
 
@@ -84,8 +84,8 @@ def plot_card(name: str, card: dict[str, Any], path: Path, metric: str = "top1")
     ax.set_xticks(range(len(keys)), keys, rotation=20, fontsize=7)
     ax.set_ylabel(f"re-identification {metric}")
     ax.set_title(f"{name}: every attack x protocol", fontsize=9)
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncol=3)
+    ax.set_ylim(0, 1.3)  # headroom for the legend above the bars
+    ax.legend(fontsize=7, ncol=4, loc="upper center")
     _save(fig, path)
     plt.close(fig)
 

@@ -69,10 +69,12 @@ def report_markdown(cfg: RunConfig, results: dict[str, Any]) -> str:
 
     keys = protocol_keys(results)
     attacks = ", ".join(f"{a.name} ({a.kind})" for a in cfg.attacks)
+    trained = any(a.kind in ("contrastive", "surrogate", "edge-encoder") for a in cfg.attacks)
+    settings = (f" Trained attacks start from: {cfg.attack.backbone}, batch {cfg.attack.batch_size}, {cfg.attack.steps} steps, "
+                f"input {cfg.attack.input} (per-attack params override).") if trained else ""
     parts = [
         f"# anonrisk report: {cfg.name}\n",
-        f"Attacks: {attacks}. Contrastive settings: {cfg.attack.backbone}, batch {cfg.attack.batch_size}, {cfg.attack.steps} steps, "
-        f"input {cfg.attack.input}. Dataset: {cfg.data.dataset}.\n",
+        f"Attacks: {attacks}.{settings} Dataset: {cfg.data.dataset}.\n",
         markdown_table(results),
         "Leaderboard across anonymizers: [leaderboard.md](leaderboard.md).\n",
         "![re-identification by attack](plots/reid.png)\n\n![privacy vs utility](plots/privacy_utility.png)\n\n"
