@@ -168,8 +168,8 @@ def plot_sweep(sweep: dict[str, Any], path: Path, key: str = "full-ref/exclude-s
         ax2.plot(xs, [p["leakage"]["edge_f"] for p in points], "^-", color="silver", alpha=0.7, label="edge F")
         ax2.set_ylabel("edge leakage")
         ax2.set_ylim(0, 1.05)
-        ax2.legend(fontsize=7, loc="upper right")
-    ax.legend(fontsize=7, loc="upper left")
+        ax2.legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.12, 0.0))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.12, 1.0))  # outside: the curves start top left
     ax.set_title(sweep["name"], fontsize=9)
     _save(fig, path)
     plt.close(fig)
