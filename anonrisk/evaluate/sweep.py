@@ -81,7 +81,10 @@ def sweep_specs(sweeps: list[Sweep], config_path: Optional[str]) -> list[tuple[S
         for v in sw.values:
             key = f"sweeps[{i}] ({sw.name})"
             spec = AnonymizerSpec(name=f"{sw.name}={v}", kind=base.kind, params=set_param(base.params, sw.param, v, f"{key}.param"))
-            build_anonymizer(spec).validate()  # a bad value fails here, before any image is processed
+            try:  # a bad value fails here, before any image is processed
+                build_anonymizer(spec).validate()
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {sw.param}={v!r}: {exc}") from None
             points.append((sw, v, spec))
     return points
 
