@@ -50,7 +50,10 @@ def cmd_stage(args) -> int:
         print(f"prepare: {stage.path} ({len(pipe.records)} records)")
         return 0
     if args.command == "report":
-        missing = [s.name for s in pipe.cfg.anonymizers if not pipe.evaluate_stage(s).is_done()]
+        pipe.prepare()
+        unavailable = pipe.validate_attacks()
+        missing = [f"{s.name} x {a.name}" for s in pipe.cfg.anonymizers for a in pipe.cfg.attacks
+                   if a.name not in unavailable and not pipe.evaluate_stage(s, a).is_done()]
         if missing:
             from anonrisk.errors import AnonriskError
 
@@ -58,16 +61,34 @@ def cmd_stage(args) -> int:
         doc = pipe.run()
         print(doc["table"])
         return 0
-    pipe.validate()
+    pipe.validate()  # anonymizers and the training plan
+    trained = [a for a in pipe.cfg.attacks if a.kind in ("contrastive", "surrogate", "edge-encoder")]
+    if args.command != "anonymize":
+        pipe.prepare()
+        unavailable = pipe.validate_attacks()
     for spec in _select(pipe, args.only):
         if args.command == "anonymize":
             print(f"anonymize {spec.name}: {pipe.anonymize(spec).path}")
         elif args.command == "train":
-            print(f"train {spec.name}: {pipe.train(spec).path}")
+            for a in trained or [pipe.attack_spec("contrastive")]:
+                print(f"train {spec.name} ({a.name}): {pipe.train(spec, a).path}")
         else:
-            m = pipe.evaluate(spec)
-            top1 = next(iter(m["protocols"].values()))["top1"]["value"]
-            print(f"evaluate {spec.name}: {pipe.evaluate_stage(spec).path} (top-1 {top1:.3f})")
+            for a in pipe.cfg.attacks:
+                if a.name in unavailable:
+                    print(f"evaluate {spec.name} ({a.name}): skipped: {unavailable[a.name]}")
+                    continue
+                m = pipe.evaluate(spec, a)
+                top1 = next(iter(m["protocols"].values()))["top1"]["value"]
+                print(f"evaluate {spec.name} ({a.name}): {pipe.evaluate_stage(spec, a).path} (top-1 {top1:.3f})")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from anonrisk.evaluate.sweep import load_sweeps, run_sweeps
+
+    summary = run_sweeps(_load(args), load_sweeps(args.sweeps), args.config)
+    print((Path(summary["results_dir"]) / "sweep.md").read_text())
+    print(f"results: {summary['results_dir']}/ (sweep.json, sweep.md, plots/sweep_*.png, report.md, leaderboard.md)")
     return 0
 
 
@@ -88,7 +109,7 @@ def cmd_ls(args) -> int:
     if not runs.is_dir():
         print(f"no runs under {runs}/")
         return 0
-    for stage in ("prepare", "anonymize", "train", "evaluate"):
+    for stage in ("prepare", "anonymize", "train", "evaluate", "quality", "embed"):
         for marker in sorted((runs / stage).glob("**/config.json")):
             d = marker.parent
             status = "done" if (d / "DONE").exists() else "partial"
@@ -196,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = with_config(sub.add_parser(stage, help=f"run the {stage} stage (and what it needs)"))
         sp.add_argument("--only", nargs="+", metavar="NAME", help="only these anonymizers")
         sp.set_defaults(fn=cmd_stage)
+    sw = with_config(sub.add_parser("sweep", help="leakage sweeps: re-identification and edge leakage against one anonymizer parameter"))
+    sw.add_argument("--sweeps", required=True, metavar="FILE", help="YAML sweep file (e.g. configs/sweeps/leakage.yaml)")
+    sw.set_defaults(fn=cmd_sweep)
     with_config(sub.add_parser("validate", help="check a config and print it resolved")).set_defaults(fn=cmd_validate)
     grid = sub.add_parser("grid", help="run a grid of datasets x anonymizers x backbones x seeds (Slurm, local, debug)")
     gsub = grid.add_subparsers(dest="grid_command", required=True)

@@ -11,3 +11,8 @@ class ConfigError(AnonriskError):
 
 class DataError(AnonriskError):
     """A dataset file or record is missing or unreadable; the message names the file or record."""
+
+
+class Unavailable(AnonriskError):
+    """An optional component cannot run here (weights not given, package not installed): the report skips
+    its column and states this message instead of aborting."""

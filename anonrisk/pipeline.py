@@ -11,9 +11,10 @@ import logging
 from functools import cached_property
 from typing import Optional
 
-from anonrisk.config.schema import AnonymizerSpec, RunConfig
+from anonrisk.config.schema import AnonymizerSpec, AttackSpec, RunConfig
 from anonrisk.data.records import FaceRecord, read_manifest
 from anonrisk.devices import resolve_device
+from anonrisk.errors import Unavailable
 from anonrisk.stages import StageDir
 
 log = logging.getLogger("anonrisk")
@@ -23,6 +24,7 @@ class Pipeline:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.progress = cfg.progress
+        self._attacks: dict[str, object] = {}
 
     # ---- prepare ---------------------------------------------------------------------------------
     @cached_property
@@ -95,17 +97,55 @@ class Pipeline:
         device = resolve_device(self.cfg.anonymize.device)
         return anonymize_local(spec, anonymizer, self.records, stage, self.cfg.data.image_size, self.cfg.anonymize, device, self.progress)
 
+    # ---- attacks --------------------------------------------------------------------------------
+    def attack_spec(self, attack: str | AttackSpec) -> AttackSpec:
+        """An attack of this config by name; a registered kind not in the config runs with its defaults."""
+        if isinstance(attack, AttackSpec):
+            return attack
+        for a in self.cfg.attacks:
+            if a.name == attack:
+                return a
+        return AttackSpec(name=attack, kind=attack)
+
+    def build_attack(self, attack: str | AttackSpec = "contrastive"):
+        from anonrisk.attack.suite import build_attack
+
+        spec = self.attack_spec(attack)
+        if spec.name not in self._attacks or self._attacks[spec.name].spec != spec:
+            index = next((i for i, a in enumerate(self.cfg.attacks) if a.name == spec.name), None)
+            key = f"attacks[{index}] ({spec.name})" if index is not None else f"attack {spec.name}"
+            self._attacks[spec.name] = build_attack(spec, key)
+        return self._attacks[spec.name]
+
+    def validate_attacks(self) -> dict[str, str]:
+        """Check every configured attack before any work (needs the prepared records): a wrong setting is a
+        ConfigError; a missing optional resource (weights, package) comes back as {name: reason}."""
+        unavailable = {}
+        for a in self.cfg.attacks:
+            try:
+                self.build_attack(a).validate(self)
+            except Unavailable as exc:
+                unavailable[a.name] = str(exc)
+        return unavailable
+
     # ---- train -----------------------------------------------------------------------------------
-    def train_stage(self, spec: AnonymizerSpec) -> StageDir:
+    def train_stage(self, spec: AnonymizerSpec, attack: str | AttackSpec = "contrastive") -> StageDir:
         from anonrisk.attack.train import train_fingerprint
 
+        if self.attack_spec(attack) != AttackSpec(name="contrastive", kind="contrastive"):
+            return self.build_attack(attack).train_stage(self, spec)
         _, anon_stage = self.anonymizer_stage(spec)
         fp = train_fingerprint(self.cfg.attack, self.data_fp, anon_stage.fingerprint, self.cfg.data.image_size)
         return StageDir(self.cfg.runs_dir, "train", fp)
 
-    def train(self, spec: AnonymizerSpec) -> StageDir:
+    def train(self, spec: AnonymizerSpec, attack: str | AttackSpec = "contrastive") -> StageDir:
+        """Train (or reuse) the encoder of a trained attack (contrastive, surrogate, edge-encoder) against ``spec``."""
         from anonrisk.attack.train import train_attack
 
+        if self.attack_spec(attack) != AttackSpec(name="contrastive", kind="contrastive"):
+            atk = self.build_attack(attack)
+            atk.prepare(self, spec)
+            return atk.train_stage(self, spec)
         stage = self.train_stage(spec)
         if stage.is_done():
             return stage
@@ -129,32 +169,75 @@ class Pipeline:
         return stage
 
     # ---- evaluate --------------------------------------------------------------------------------
-    def evaluate_stage(self, spec: AnonymizerSpec) -> StageDir:
+    def evaluate_stage(self, spec: AnonymizerSpec, attack: str | AttackSpec = "contrastive") -> StageDir:
         from anonrisk.evaluate.evaluate import eval_fingerprint
 
-        return StageDir(self.cfg.runs_dir, "evaluate", eval_fingerprint(self.cfg.evaluate, self.train_stage(spec).fingerprint))
+        return StageDir(self.cfg.runs_dir, "evaluate", eval_fingerprint(self.cfg.evaluate, self.build_attack(attack).fingerprint(self, spec)))
 
-    def evaluate(self, spec: AnonymizerSpec) -> dict:
-        from anonrisk.attack.train import load_encoder
-        from anonrisk.evaluate.evaluate import evaluate_attack
+    def quality_stage(self, spec: AnonymizerSpec) -> StageDir:
+        from anonrisk.evaluate.evaluate import quality_fingerprint
+
+        _, anon_stage = self.anonymizer_stage(spec)
+        return StageDir(self.cfg.runs_dir, "quality", quality_fingerprint(self.cfg.evaluate, self.data_fp, anon_stage.fingerprint, self.cfg.data.image_size))
+
+    def quality(self, spec: AnonymizerSpec) -> dict:
+        """Structure leakage and utility of ``spec``'s test images (independent of any attack)."""
+        from anonrisk.evaluate.evaluate import measure_quality
+
+        stage = self.quality_stage(spec)
+        anon = [] if stage.is_done() else read_manifest(self.anonymize(spec) / "manifest.jsonl")
+        return measure_quality(anon, self.records, self.cfg.data.image_size, self.cfg.evaluate, stage)
+
+    def attack_result(self, spec: AnonymizerSpec, attack: str | AttackSpec = "contrastive") -> dict:
+        """One attack against one anonymizer: protocols with intervals (raises Unavailable when it cannot run)."""
+        from anonrisk.evaluate.evaluate import QUALITY_KEYS, evaluate_similarity, probes_and_gallery
         from anonrisk.stages import read_json
 
-        stage = self.evaluate_stage(spec)
+        atk = self.build_attack(attack)
+        stage = self.evaluate_stage(spec, attack)
         if stage.is_done():
             metrics = read_json(stage / "metrics.json")
         else:
-            train_stage = self.train(spec)
-            device = resolve_device(self.cfg.attack.device)
-            model = load_encoder(self.cfg.attack, train_stage / "encoder.safetensors", device)
-            anon = read_manifest(self.anonymize(spec) / "manifest.jsonl")
-            metrics = evaluate_attack(model, anon, self.records, self.cfg.data.image_size, self.cfg.evaluate, stage, device)
+            atk.validate(self)
+            atk.prepare(self, spec)
+            probes, gallery = probes_and_gallery(read_manifest(self.anonymize(spec) / "manifest.jsonl"), self.records)
+            metrics = evaluate_similarity(lambda p, g: atk.similarity(self, spec, p, g), probes, gallery, self.cfg.evaluate, stage,
+                                          {"attack": atk.describe(), "evaluate": self.cfg.evaluate.model_dump(exclude=set(QUALITY_KEYS))})
+        _, anon_stage = self.anonymizer_stage(spec)
+        return {
+            "attack": atk.spec.name,
+            "kind": atk.spec.kind,
+            "threat": atk.threat,
+            "fingerprints": {"data": self.data_fp, "anonymize": anon_stage.fingerprint, **atk.upstream(self, spec), "evaluate": stage.fingerprint},
+            **metrics,
+        }
+
+    def evaluate(self, spec: AnonymizerSpec, attack: str | AttackSpec = "contrastive") -> dict:
+        """One attack against one anonymizer, with the anonymizer's leakage (the v1 result shape)."""
+        result = {"anonymizer": spec.model_dump(), **self.attack_result(spec, attack)}
+        if self.cfg.evaluate.leakage:
+            result["leakage"] = self.quality(spec)["leakage"]
+        return result
+
+    def report_card(self, spec: AnonymizerSpec, unavailable: Optional[dict[str, str]] = None) -> dict:
+        """Every configured attack against ``spec`` (a skipped one with its reason), leakage and utility."""
+        unavailable = unavailable or {}
+        attacks = {}
+        for a in self.cfg.attacks:
+            if a.name in unavailable:
+                attacks[a.name] = {"attack": a.name, "kind": a.kind, "skipped": unavailable[a.name]}
+                continue
+            try:
+                attacks[a.name] = self.attack_result(spec, a)
+            except Unavailable as exc:
+                log.warning("attack %s skipped for %s: %s", a.name, spec.name, exc)
+                attacks[a.name] = {"attack": a.name, "kind": a.kind, "skipped": str(exc)}
         _, anon_stage = self.anonymizer_stage(spec)
         return {
             "anonymizer": spec.model_dump(),
-            "attack": "contrastive",
-            "fingerprints": {"data": self.data_fp, "anonymize": anon_stage.fingerprint,
-                             "train": self.train_stage(spec).fingerprint, "evaluate": stage.fingerprint},
-            **metrics,
+            "fingerprints": {"data": self.data_fp, "anonymize": anon_stage.fingerprint, "quality": self.quality_stage(spec).fingerprint},
+            "attacks": attacks,
+            **self.quality(spec),
         }
 
     # ---- the whole run ---------------------------------------------------------------------------
@@ -163,9 +246,10 @@ class Pipeline:
 
         self.validate()
         self.prepare()
+        unavailable = self.validate_attacks()
         results = {}
         for spec in self.cfg.anonymizers:
             if only and spec.name not in only:
                 continue
-            results[spec.name] = self.evaluate(spec)
+            results[spec.name] = self.report_card(spec, unavailable)
         return write_report(self.cfg, self.prepare(), results)

@@ -30,8 +30,8 @@ def quickstart(tmp_path_factory):
     return tmp, cfg, doc
 
 
-def top1(doc, name, key=MAIN):
-    return doc["results"][name]["protocols"][key]["top1"]
+def top1(doc, name, key=MAIN, attack="contrastive"):
+    return doc["results"][name]["attacks"][attack]["protocols"][key]["top1"]
 
 
 @pytest.mark.slow
@@ -48,7 +48,9 @@ def test_known_answers(quickstart):
         assert noise["value"] < v < ident, (name, v)
     resynth = top1(doc, "resynth")
     assert resynth["value"] >= 5 * chance and resynth["ci95"][0] > noise["ci95"][1] + 0.2, resynth
-    # the mechanism: resynthesis keeps edges (leakage) where noise does not
+    # the mechanism: resynthesis keeps edges (leakage) where noise does not, and an attacker with no access
+    # to the anonymizer finds people by their edges alone
+    assert top1(doc, "resynth", attack="edge")["ci95"][0] > top1(doc, "resynth", attack="edge")["chance_ci95"][1]
     assert doc["results"]["resynth"]["leakage"]["edge_ssim"] > doc["results"]["noise"]["leakage"]["edge_ssim"] + 0.2
 
 
@@ -57,7 +59,7 @@ def test_results_dir_and_mlflow(quickstart):
     tmp, cfg, doc = quickstart
     out = Path(doc["results_dir"])
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["schema"] == "anonrisk.results" and saved["schema_version"] == 1
+    assert saved["schema"] == "anonrisk.results" and saved["schema_version"] == 2
     assert (out / "report.md").read_text().count("| resynth |") == 1
     assert (out / "plots" / "reid.png").stat().st_size > 1000 and (out / "plots" / "leakage_vs_reid.png").exists()
     from mlflow import MlflowClient
@@ -68,7 +70,8 @@ def test_results_dir_and_mlflow(quickstart):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(children) == 6
     ident = next(r for r in children if r.data.tags["anonrisk.anonymizer"] == "identity")
-    assert ident.data.metrics["full-ref.linkage.top1"] == top1(doc, "identity", "full-ref/linkage")["value"]
+    assert ident.data.metrics["contrastive.full-ref.linkage.top1"] == top1(doc, "identity", "full-ref/linkage")["value"]
+    assert ident.data.metrics["edge.full-ref.linkage.top1"] == top1(doc, "identity", "full-ref/linkage", "edge")["value"]
     parent = next(r for r in runs if not r.data.tags.get("mlflow.parentRunId"))
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "metrics.json" in artifacts and not any(a.endswith((".jpg", ".png")) for a in artifacts if "plots" not in a)

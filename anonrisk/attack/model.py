@@ -22,14 +22,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"attack.pretrained: weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from anonrisk.weights import read_state_dict
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return state
+    return read_state_dict(path)
 
 
 INPUT_CHANNELS = {"rgb": 3, "edges": 1, "rgb+edges": 4}

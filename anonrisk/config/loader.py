@@ -78,7 +78,7 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
     lines = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"str", "AnonymizerSpec"}))
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"str", "AnonymizerSpec", "AttackSpec"}))
         key = ".".join(str(p) for p in loc) or "<root>"
         if err["type"] == "extra_forbidden":
             owner = _model_at(model, loc[:-1])
@@ -159,4 +159,8 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
     if dupes:
         raise ConfigError(f"anonymizers: names must be unique, repeated: {', '.join(dupes)}")
     cfg.anonymizers = specs
+    from anonrisk.attack.suite import ATTACKS  # light: the attack modules import their heavy parts lazily
+
+    for i, a in enumerate(cfg.attacks):
+        ATTACKS.get(a.kind, f"attacks[{i}] ({a.name})")
     return cfg

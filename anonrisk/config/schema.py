@@ -70,6 +70,15 @@ class RayConfig(Strict):
     temp_dir: Optional[str] = None
 
 
+class AttackSpec(Strict):
+    """One attack of the suite: ``kind`` is a registered attack (contrastive, surrogate, edge, edge-encoder,
+    recognizer), ``name`` labels it in results, ``params`` are the kind's settings (see docs/attacks.md)."""
+
+    name: str
+    kind: str
+    params: dict[str, Any] = {}
+
+
 class AnonymizeConfig(Strict):
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(256, ge=1)
@@ -111,6 +120,19 @@ class AttackConfig(Strict):
     zero_stage: Optional[int] = Field(None, ge=0, le=3)  # overrides the preset's ZeRO stage (default preset: zero2)
 
 
+class UtilityConfig(Strict):
+    """What the anonymization costs: SSIM and PSNR always; LPIPS and FID/KID only from local weight files
+    (never downloaded): a metric whose weights are not given is skipped with the reason in the report."""
+
+    enabled: bool = True
+    lpips_net: Literal["alex", "vgg"] = "alex"
+    lpips_backbone_weights: Optional[str] = None  # torchvision alexnet/vgg16 state dict (.pth or .safetensors)
+    lpips_linear_weights: Optional[str] = None  # the LPIPS linear-layer weights (e.g. lpips' weights/v0.1/alex.pth)
+    fid_weights: Optional[str] = None  # torchvision inception_v3 state dict: FID and KID on its 2048-d pool features
+    fid_image_size: int = Field(299, ge=75, le=1024)
+    kid_subset_size: int = Field(100, ge=2)
+
+
 class EvaluateConfig(Strict):
     protocols: list[Literal["full-ref", "few-ref", "single-ref"]] = ["full-ref", "few-ref", "single-ref"]
     modes: list[Literal["exclude-source", "linkage"]] = ["exclude-source", "linkage"]
@@ -121,6 +143,7 @@ class EvaluateConfig(Strict):
     seed: int = 0
     leakage: bool = True
     leakage_tolerance: int = Field(2, ge=0, le=20)
+    utility: UtilityConfig = UtilityConfig()
 
     @field_validator("pool_size")
     @classmethod
@@ -146,6 +169,8 @@ class RunConfig(Strict):
     anonymizers: list[Union[str, AnonymizerSpec]] = ["identity"]
     anonymize: AnonymizeConfig = AnonymizeConfig()
     attack: AttackConfig = AttackConfig()
+    # the threat models run against every anonymizer; a bare name is an attack kind with default settings
+    attacks: list[Union[str, AttackSpec]] = ["contrastive"]
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     progress: bool = True
@@ -156,3 +181,15 @@ class RunConfig(Strict):
         if not v:
             raise ValueError("at least one anonymizer is needed")
         return v
+
+    @field_validator("attacks")
+    @classmethod
+    def _attacks(cls, v: list) -> list:
+        if not v:
+            raise ValueError("at least one attack is needed")
+        specs = [AttackSpec(name=a, kind=a) if isinstance(a, str) else a for a in v]
+        names = [s.name for s in specs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"attack names must be unique, repeated: {', '.join(dupes)}")
+        return specs

@@ -1,5 +1,6 @@
-"""The evaluate stage: embed test probes (anonymized) and gallery (originals), score every protocol x mode,
-measure leakage; writes ``metrics.json`` into its fingerprinted directory."""
+"""The evaluate stages. Per (anonymizer, attack): the attack's probes x gallery similarity scored for every
+protocol x mode (``metrics.json``). Per anonymizer: the ``quality`` stage, structure leakage and utility of
+the anonymized test images against their originals, whatever the attack."""
 
 from __future__ import annotations
 
@@ -17,11 +18,59 @@ from anonrisk.evaluate.metrics import summarize
 from anonrisk.evaluate.protocols import PROTOCOL_VERSION, score_protocol
 from anonrisk.stages import StageDir, fingerprint, read_json, write_json
 
-EVAL_VERSION = 1
+EVAL_VERSION = 2  # 2: leakage and utility moved to the quality stage
+QUALITY_VERSION = 1
+#: EvaluateConfig keys that only the quality stage reads
+QUALITY_KEYS = ("leakage", "leakage_tolerance", "utility")
 
 
 def eval_fingerprint(cfg: EvaluateConfig, upstream: str) -> str:
-    return fingerprint("evaluate", EVAL_VERSION, PROTOCOL_VERSION, cfg.model_dump(), upstream)
+    return fingerprint("evaluate", EVAL_VERSION, PROTOCOL_VERSION, cfg.model_dump(exclude=set(QUALITY_KEYS)), upstream)
+
+
+def quality_fingerprint(cfg: EvaluateConfig, data_fp: str, anon_fp: str, image_size: int) -> str:
+    return fingerprint("quality", QUALITY_VERSION, cfg.model_dump(include=set(QUALITY_KEYS)), data_fp, anon_fp, image_size)
+
+
+def probes_and_gallery(anonymized: Sequence[FaceRecord], originals: Sequence[FaceRecord]) -> tuple[list[FaceRecord], list[FaceRecord]]:
+    """(probes, gallery): the anonymized and the original test images, both sorted by record id."""
+    gallery = sorted((r for r in originals if r.split == "test"), key=lambda r: r.id)
+    probes = sorted((r for r in anonymized if r.split == "test"), key=lambda r: r.id)
+    return probes, gallery
+
+
+def evaluate_similarity(sim_fn, probes: Sequence[FaceRecord], gallery: Sequence[FaceRecord], cfg: EvaluateConfig, stage: StageDir, begin: dict) -> dict:
+    """Run (or reuse) one attack's evaluate stage: ``sim_fn(probes, gallery)`` gives the similarity matrix."""
+    if stage.is_done():
+        return read_json(stage / "metrics.json")
+    stage.begin(begin)
+    sim = sim_fn(probes, gallery)
+    if tuple(sim.shape) != (len(probes), len(gallery)):
+        raise RuntimeError(f"{stage}: similarity has shape {tuple(sim.shape)}, expected {(len(probes), len(gallery))}")
+    metrics = {"protocol_version": PROTOCOL_VERSION, "protocols": score_similarity(sim, probes, gallery, cfg)}
+    write_json(stage / "metrics.json", metrics)
+    stage.mark_done({"probes": len(probes), "gallery": len(gallery)})
+    return metrics
+
+
+def measure_quality(anonymized: Sequence[FaceRecord], originals: Sequence[FaceRecord], image_size: int, cfg: EvaluateConfig, stage: StageDir) -> dict:
+    """Leakage and utility of the anonymized test images against their originals (``quality.json``)."""
+    if stage.is_done():
+        return read_json(stage / "quality.json")
+    from anonrisk.evaluate.utility import utility_summary
+
+    stage.begin({"evaluate": cfg.model_dump(include=set(QUALITY_KEYS))})
+    probes, gallery = probes_and_gallery(anonymized, originals)
+    out: dict = {}
+    if cfg.leakage:
+        pairs = ((load_image(g.path, image_size), load_image(p.path, image_size)) for g, p in zip(gallery, probes))
+        out["leakage"] = leakage_summary(pairs, cfg.leakage_tolerance)
+    if cfg.utility.enabled:
+        pairs = ((load_image(g.path, image_size), load_image(p.path, image_size)) for g, p in zip(gallery, probes))
+        out["utility"] = utility_summary(pairs, cfg.utility)
+    write_json(stage / "quality.json", out)
+    stage.mark_done({"pairs": len(probes)})
+    return out
 
 
 def score_similarity(sim: torch.Tensor, probes: Sequence[FaceRecord], gallery: Sequence[FaceRecord], cfg: EvaluateConfig) -> dict:
@@ -48,17 +97,11 @@ def evaluate_attack(
     stage: StageDir,
     device: str = "cpu",
 ) -> dict:
-    if stage.is_done():
-        return read_json(stage / "metrics.json")
-    stage.begin({"evaluate": cfg.model_dump()})
-    gallery = sorted((r for r in originals if r.split == "test"), key=lambda r: r.id)
-    probes = sorted((r for r in anonymized if r.split == "test"), key=lambda r: r.id)
+    """The contrastive encoder's evaluate stage (cosine of embeddings)."""
+    probes, gallery = probes_and_gallery(anonymized, originals)
     model.eval()
-    sim = embed_records(model, probes, image_size, device) @ embed_records(model, gallery, image_size, device).t()
-    metrics = {"protocol_version": PROTOCOL_VERSION, "protocols": score_similarity(sim, probes, gallery, cfg)}
-    if cfg.leakage:
-        pairs = ((load_image(g.path, image_size), load_image(p.path, image_size)) for g, p in zip(gallery, probes))
-        metrics["leakage"] = leakage_summary(pairs, cfg.leakage_tolerance)
-    write_json(stage / "metrics.json", metrics)
-    stage.mark_done({"probes": len(probes), "gallery": len(gallery)})
-    return metrics
+
+    def sim(p, g):
+        return embed_records(model, p, image_size, device) @ embed_records(model, g, image_size, device).t()
+
+    return evaluate_similarity(sim, probes, gallery, cfg, stage, {"evaluate": cfg.model_dump(exclude=set(QUALITY_KEYS))})

@@ -17,36 +17,74 @@ from anonrisk.stages import StageDir, atomic_path, read_json, write_json
 log = logging.getLogger("anonrisk")
 
 SCHEMA = "anonrisk.results"
-SCHEMA_VERSION = 1
+# 2: results[anonymizer] is a report card: {"anonymizer", "fingerprints", "attacks": {name: {..., "protocols"}
+#    or {..., "skipped": reason}}, "leakage", "utility"}; v1 had one attack's "protocols" at the top
+SCHEMA_VERSION = 2
 MAIN = "full-ref/exclude-source"
 
 
-def fmt(m: dict | None, key: str = "top1") -> str:
-    if not m or key not in m:
-        return "-"
-    v = m[key]
-    lo, hi = v["ci95"]
-    return f"{v['value']:.3f} [{lo:.2f}, {hi:.2f}]" if lo == lo else f"{v['value']:.3f}"
+def card_plot_name(anonymizer: str) -> str:
+    import re
+
+    return "card_" + re.sub(r"[^A-Za-z0-9_.-]", "_", anonymizer) + ".png"
+
+
+def check_schema(doc: dict) -> dict:
+    """A results document this version can read, or a clear error."""
+    from anonrisk.errors import DataError
+
+    if doc.get("schema") != SCHEMA or doc.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"results document has schema {doc.get('schema')!r} v{doc.get('schema_version')}; "
+                        f"this anonrisk reads {SCHEMA} v{SCHEMA_VERSION} (rerun `anonrisk report` to rewrite it)")
+    return doc
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    any_res = next(iter(results.values()))
-    order = {"full-ref": 0, "few-ref": 1, "single-ref": 2, "exclude-source": 0, "linkage": 1}
-    keys = sorted(any_res["protocols"], key=lambda k: tuple(order.get(part, 9) for part in k.split("/")))
-    pool = any_res["protocols"][keys[0]]["pool"]
-    head = ["anonymizer", "top-1 (full-ref, excl.)", "top-5", "MRR", "norm. top-1"]
-    head += [f"top-1 {k}" for k in keys if k != MAIN] + ["edge F", "chamfer"]
+    """Overview: top-1 of every attack against every anonymizer on the main protocol, the worst case, leakage and utility."""
+    from anonrisk.report.card import fmt, protocol_keys, ran, worst_case
+
+    attacks = list(dict.fromkeys(a for card in results.values() for a in card["attacks"]))
+    keys = protocol_keys(results)
+    key = MAIN if MAIN in keys else keys[0]
+    head = ["anonymizer"] + [f"{a}" for a in attacks] + ["worst case", "edge SSIM", "SSIM", "PSNR"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in results.items():
-        p = r["protocols"]
-        main = p.get(MAIN) or p[keys[0]]
-        leak = r.get("leakage", {})
-        cells = [name, fmt(main), fmt(main, "top5"), fmt(main, "mrr"), f"{main['top1']['normalized']:.3f}"]
-        cells += [fmt(p[k]) for k in keys if k != MAIN]
-        cells += [f"{leak['edge_f']:.3f}" if leak else "-", f"{leak['chamfer']:.2f}" if leak else "-"]
+    chance = None
+    for name, card in results.items():
+        cells = [name]
+        for a in attacks:
+            r = card["attacks"].get(a, {})
+            cells.append(fmt(r["protocols"][key]["top1"]) if a in ran(card) and key in r["protocols"] else "skipped" if "skipped" in r else "-")
+        w = worst_case(card, key)
+        chance = chance or (w and w["metric"]["chance"])
+        cells.append(f"{w['attack']}: {w['metric']['normalized']:.3f} norm." if w else "-")
+        leak, util = card.get("leakage", {}), card.get("utility", {})
+        cells += [f"{leak['edge_ssim']:.2f}" if leak else "-", f"{util['ssim']:.3f}" if util else "-", f"{util['psnr']:.1f}" if util else "-"]
         rows.append("| " + " | ".join(cells) + " |")
-    chance = any_res["protocols"][keys[0]]["top1"]["chance"]
-    return "\n".join(rows) + f"\n\nPool: {pool} identities; chance top-1 = {chance:.3f}. Brackets: 95 % bootstrap interval by identity.\n"
+    note = f"\nTop-1 on {key}; chance top-1 = {chance:.3f}. Brackets: 95 % bootstrap interval by identity.\n" if chance else "\n"
+    return "\n".join(rows) + "\n" + note
+
+
+def report_markdown(cfg: RunConfig, results: dict[str, Any]) -> str:
+    from anonrisk.report.card import card_markdown, protocol_keys
+
+    keys = protocol_keys(results)
+    attacks = ", ".join(f"{a.name} ({a.kind})" for a in cfg.attacks)
+    trained = any(a.kind in ("contrastive", "surrogate", "edge-encoder") for a in cfg.attacks)
+    settings = (f" Trained attacks start from: {cfg.attack.backbone}, batch {cfg.attack.batch_size}, {cfg.attack.steps} steps, "
+                f"input {cfg.attack.input} (per-attack params override).") if trained else ""
+    parts = [
+        f"# anonrisk report: {cfg.name}\n",
+        f"Attacks: {attacks}.{settings} Dataset: {cfg.data.dataset}.\n",
+        markdown_table(results),
+        "Leaderboard across anonymizers: [leaderboard.md](leaderboard.md).\n",
+        "![re-identification by attack](plots/reid.png)\n\n![privacy vs utility](plots/privacy_utility.png)\n\n"
+        "![leakage vs re-identification](plots/leakage_vs_reid.png)\n",
+        "## Report cards\n",
+    ]
+    for name, card in results.items():
+        parts.append(card_markdown(name, card, keys))
+        parts.append(f"![{name}](plots/{card_plot_name(name)})\n")
+    return "\n".join(parts)
 
 
 def write_report(cfg: RunConfig, data_stage: StageDir, results: dict[str, Any]) -> dict:
@@ -72,13 +110,20 @@ def write_report(cfg: RunConfig, data_stage: StageDir, results: dict[str, Any]) 
         tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     table = markdown_table(results)
     with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(f"# anonrisk report: {cfg.name}\n\nAttack: contrastive ({cfg.attack.backbone}, batch {cfg.attack.batch_size}, "
-                       f"{cfg.attack.steps} steps). Dataset: {cfg.data.dataset}.\n\n{table}\n"
-                       "![re-identification](plots/reid.png)\n\n![leakage](plots/leakage_vs_reid.png)\n")
-    from anonrisk.report.plots import plot_leakage_vs_reid, plot_reid
+        tmp.write_text(report_markdown(cfg, results))
+    from anonrisk.report.card import leaderboard, leaderboard_markdown
+    from anonrisk.report.plots import plot_card, plot_leakage_vs_reid, plot_privacy_utility, plot_reid
 
+    board = leaderboard(results)
+    write_json(out / "leaderboard.json", {"schema": "anonrisk.leaderboard", "schema_version": 1, "run": cfg.name,
+                                          "protocol": MAIN, "rows": board})
+    with atomic_path(out / "leaderboard.md") as tmp:
+        tmp.write_text(f"# anonrisk leaderboard: {cfg.name}\n\n{leaderboard_markdown(board)}")
     plot_reid(results, out / "plots" / "reid.png")
+    plot_privacy_utility(results, out / "plots" / "privacy_utility.png")
     plot_leakage_vs_reid(results, out / "plots" / "leakage_vs_reid.png")
+    for name, card in results.items():
+        plot_card(name, card, out / "plots" / card_plot_name(name))
     if cfg.tracking.mlflow:
         from anonrisk.tracking.mlflow_log import log_results
 

@@ -32,16 +32,29 @@ def flatten(prefix: str, obj: Any, out: dict[str, Any]) -> dict[str, Any]:
 
 
 def result_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """One anonymizer's report card as flat metrics: ``<attack>.<protocol>.<mode>.<metric>``, the worst case
+    over attacks as ``worst.<protocol>.<mode>.top1``, ``leakage.*`` and ``utility.*``."""
+    from anonrisk.report.card import ran, worst_case
+
     metrics = {}
-    for key, m in result["protocols"].items():
-        base = key.replace("/", ".")
-        for name in ("top1", "top5", "mrr"):
-            metrics[f"{base}.{name}"] = m[name]["value"]
-            metrics[f"{base}.{name}_lo"], metrics[f"{base}.{name}_hi"] = m[name]["ci95"]
-            metrics[f"{base}.{name}_norm"] = m[name]["normalized"]
-        metrics[f"{base}.chance_top1"] = m["top1"]["chance"]
+    for attack, r in ran(result).items():
+        for key, m in r["protocols"].items():
+            base = f"{attack}.{key.replace('/', '.')}"
+            for name in ("top1", "top5", "mrr"):
+                metrics[f"{base}.{name}"] = m[name]["value"]
+                metrics[f"{base}.{name}_lo"], metrics[f"{base}.{name}_hi"] = m[name]["ci95"]
+                metrics[f"{base}.{name}_norm"] = m[name]["normalized"]
+            metrics[f"{base}.chance_top1"] = m["top1"]["chance"]
+    keys = {k for r in ran(result).values() for k in r["protocols"]}
+    for key in keys:
+        w = worst_case(result, key)
+        metrics[f"worst.{key.replace('/', '.')}.top1"] = w["metric"]["value"]
+        metrics[f"worst.{key.replace('/', '.')}.top1_norm"] = w["metric"]["normalized"]
     for k, v in result.get("leakage", {}).items():
         metrics[f"leakage.{k}"] = v
+    for k, v in result.get("utility", {}).items():
+        if isinstance(v, (int, float)):
+            metrics[f"utility.{k}"] = v
     return {k: float(v) for k, v in metrics.items() if v == v}  # MLflow rejects NaN in some stores
 
 
@@ -61,12 +74,13 @@ def log_results(cfg: RunConfig, doc: dict[str, Any], out_dir: Path) -> dict[str,
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
     params = flatten("", {"data": doc["config"]["data"], "attack": doc["config"]["attack"], "evaluate": doc["config"]["evaluate"]}, {})
+    params["attacks"] = ",".join(a["name"] for a in doc["config"].get("attacks", []))
     parent = client.create_run(exp_id, run_name=cfg.name, tags={"anonrisk.run": cfg.name, "anonrisk.data_fp": doc["data"]["fingerprint"]})
     pid = parent.info.run_id
     children = {}
     for name, result in doc["results"].items():
         child = client.create_run(exp_id, run_name=f"{cfg.name}/{name}", tags={
-            "mlflow.parentRunId": pid, "anonrisk.anonymizer": name, "anonrisk.train_fp": result["fingerprints"]["train"]})
+            "mlflow.parentRunId": pid, "anonrisk.anonymizer": name, "anonrisk.anonymize_fp": result["fingerprints"]["anonymize"]})
         cid = child.info.run_id
         child_params = {**params, **flatten("anonymizer", result["anonymizer"], {})}
         batch_params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in child_params.items()]
@@ -75,7 +89,7 @@ def log_results(cfg: RunConfig, doc: dict[str, Any], out_dir: Path) -> dict[str,
             client.log_batch(cid, params=batch_params[i : i + 100], metrics=batch_metrics if i == 0 else [])
         client.set_terminated(cid)
         children[name] = cid
-    for f in ("metrics.json", "report.md"):
+    for f in ("metrics.json", "report.md", "leaderboard.md", "leaderboard.json"):
         client.log_artifact(pid, str(out_dir / f))
     client.log_artifacts(pid, str(out_dir / "plots"), "plots")
     client.set_terminated(pid)

@@ -1,0 +1,125 @@
+"""The report card of each anonymizer and the leaderboard across anonymizers (pure functions of results).
+
+A report card holds every attack x protocol with intervals, chance-normalized; a privacy claim rests on the
+strongest attack, so the ``worst case`` per protocol is the attack with the highest top-1 and the
+leaderboard ranks anonymizers by it (lower = more private), beside leakage and utility.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MAIN = "full-ref/exclude-source"
+ORDER = {"full-ref": 0, "few-ref": 1, "single-ref": 2, "exclude-source": 0, "linkage": 1}
+
+
+def protocol_keys(results: dict[str, Any]) -> list[str]:
+    keys = {k for card in results.values() for a in ran(card).values() for k in a["protocols"]}
+    return sorted(keys, key=lambda k: tuple(ORDER.get(part, 9) for part in k.split("/")))
+
+
+def ran(card: dict[str, Any]) -> dict[str, Any]:
+    """The attacks of a card that produced numbers (skipped ones have a reason instead)."""
+    return {name: a for name, a in card.get("attacks", {}).items() if "protocols" in a}
+
+
+def worst_case(card: dict[str, Any], key: str = MAIN, metric: str = "top1") -> dict[str, Any] | None:
+    """The strongest attack on one protocol: its name and metric (with interval and chance)."""
+    best = None
+    for name, a in ran(card).items():
+        m = a["protocols"].get(key)
+        if m and (best is None or m[metric]["value"] > best["metric"]["value"]):
+            best = {"attack": name, "metric": m[metric]}
+    return best
+
+
+def fmt(v: dict | None) -> str:
+    if not v:
+        return "-"
+    lo, hi = v["ci95"]
+    return f"{v['value']:.3f} [{lo:.2f}, {hi:.2f}]" if lo == lo else f"{v['value']:.3f}"
+
+
+def _num(x: Any, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def leaderboard(results: dict[str, Any], key: str = MAIN) -> list[dict[str, Any]]:
+    """Anonymizers ranked by the worst case over attacks (chance-normalized top-1 on ``key``), most private first."""
+    rows = []
+    for name, card in results.items():
+        w = worst_case(card, key)
+        util = card.get("utility", {})
+        rows.append({
+            "anonymizer": name,
+            "worst_attack": w["attack"] if w else None,
+            "worst_top1": w["metric"]["value"] if w else None,
+            "worst_top1_ci95": w["metric"]["ci95"] if w else None,
+            "worst_top1_normalized": w["metric"]["normalized"] if w else None,
+            "chance": w["metric"]["chance"] if w else None,
+            "top1_by_attack": {a: r["protocols"][key]["top1"]["value"] for a, r in ran(card).items() if key in r["protocols"]},
+            "skipped_attacks": {a: r["skipped"] for a, r in card.get("attacks", {}).items() if "skipped" in r},
+            "edge_ssim": card.get("leakage", {}).get("edge_ssim"),
+            "edge_f": card.get("leakage", {}).get("edge_f"),
+            **{m: util.get(m) for m in ("ssim", "psnr", "lpips", "fid", "kid")},
+        })
+    rows.sort(key=lambda r: (r["worst_top1_normalized"] is None, r["worst_top1_normalized"] if r["worst_top1_normalized"] is not None else 0))
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return rows
+
+
+def leaderboard_markdown(rows: list[dict[str, Any]], key: str = MAIN) -> str:
+    attacks = list(dict.fromkeys(a for r in rows for a in r["top1_by_attack"]))
+    optional = [m for m in ("lpips", "fid", "kid") if any(r[m] is not None for r in rows)]
+    head = ["rank", "anonymizer", "worst-case top-1", "norm.", "strongest attack"] + [f"{a}" for a in attacks]
+    head += ["edge SSIM", "SSIM", "PSNR"] + [m.upper() for m in optional]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        w = {"value": r["worst_top1"], "ci95": r["worst_top1_ci95"]} if r["worst_top1"] is not None else None
+        cells = [str(r["rank"]), r["anonymizer"], fmt(w), _num(r["worst_top1_normalized"], ".3f"), r["worst_attack"] or "-"]
+        cells += [_num(r["top1_by_attack"].get(a), ".3f") for a in attacks]
+        cells += [_num(r["edge_ssim"], ".2f"), _num(r["ssim"], ".3f"), _num(r["psnr"], ".1f")] + [_num(r[m], ".4g") for m in optional]
+        lines.append("| " + " | ".join(cells) + " |")
+    chance = next((r["chance"] for r in rows if r["chance"] is not None), None)
+    skipped = {a: reason for r in rows for a, reason in r["skipped_attacks"].items()}
+    for a, reason in skipped.items():
+        lines.append(f"\nSkipped attack {a}: {reason}")
+    note = (f"\nRanked by the strongest attack's chance-normalized top-1 on {key} (lower = more private); "
+            f"chance top-1 = {_num(chance, '.3f')}; brackets: 95 % bootstrap interval by identity.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def card_markdown(name: str, card: dict[str, Any], keys: list[str]) -> str:
+    """One anonymizer's report card: attack x protocol (top-1 with interval, normalized), leakage, utility."""
+    out = [f"### {name}\n"]
+    head = ["attack", "threat model"] + keys
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a_name, a in card.get("attacks", {}).items():
+        if "skipped" in a:
+            out.append("| " + " | ".join([a_name, f"skipped: {a['skipped']}"] + ["-"] * len(keys)) + " |")
+            continue
+        cells = [a_name, a.get("threat", "")]
+        for k in keys:
+            m = a["protocols"].get(k)
+            cells.append(f"{fmt(m['top1'])} (norm. {m['top1']['normalized']:.2f})" if m else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    w = worst_case(card)
+    if w:
+        out.append(f"\nWorst case ({MAIN}): **{w['attack']}**, top-1 {fmt(w['metric'])}, "
+                   f"{w['metric']['value'] / w['metric']['chance']:.1f}x chance.")
+    leak = card.get("leakage")
+    if leak:
+        out.append(f"\nLeakage (edges of original vs anonymized): F-score {leak['edge_f']:.3f}, Chamfer {leak['chamfer']:.2f} px, "
+                   f"edge SSIM {leak['edge_ssim']:.3f} over {leak['n_pairs']} pairs.")
+    util = card.get("utility")
+    if util:
+        parts = [f"SSIM {util['ssim']:.3f}", f"PSNR {util['psnr']:.1f} dB"]
+        parts += [f"{m.upper()} {util[m]:.4g}" for m in ("lpips", "fid", "kid") if m in util]
+        out.append(f"\nUtility: {', '.join(parts)}.")
+        by_reason: dict[str, list[str]] = {}
+        for m, reason in util.get("skipped", {}).items():
+            by_reason.setdefault(reason, []).append(m.upper())
+        for reason, metrics in by_reason.items():
+            out.append(f"- {', '.join(metrics)} skipped: {reason}")
+    return "\n".join(out) + "\n"
