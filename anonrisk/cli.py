@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--mlflow", metavar="URI", help="also read the grid runs of an MLflow experiment")
     cmp_.add_argument("--experiment", default="anonrisk")
     cmp_.add_argument("--grid", help="only this grid's runs (MLflow)")
-    cmp_.add_argument("--metric", default="full-ref.exclude-source.top1")
+    cmp_.add_argument("--metric", default="worst.full-ref.exclude-source.top1",
+                      help="any MLflow metric name, e.g. contrastive.few-ref.linkage.top1, leakage.edge_ssim, utility.psnr")
     cmp_.add_argument("--rows", help="axis down the table (default: anonymizer)")
     cmp_.add_argument("--cols", help="axis across (default: the first other axis that varies)")
     cmp_.add_argument("--out", help="write comparison.md and comparison.png here")

@@ -84,7 +84,7 @@ def test_debug_executor_runs_the_grid_then_submits_nothing(tmp_path, capsys):
     assert "| identity |" in out and "| noise |" in out
     doc = json.loads((tmp_path / "results" / "tiny" / "metrics.json").read_text())
     assert doc["schema"] == "anonrisk.grid" and doc["missing"] == [] and len(doc["cells"]) == 2
-    linkage = {c["axes"]["anonymizer"]: c["result"]["protocols"]["full-ref/linkage"]["top1"]["value"] for c in doc["cells"]}
+    linkage = {c["axes"]["anonymizer"]: c["result"]["attacks"]["contrastive"]["protocols"]["full-ref/linkage"]["top1"]["value"] for c in doc["cells"]}
     assert linkage["identity"] >= 0.9 and linkage["noise"] < 0.5, linkage
     before = sorted(p.name for p in (tmp_path / "runs" / "grids" / "tiny" / "submitit").iterdir())
     mtime = (tmp_path / "results" / "tiny" / "metrics.json").stat().st_mtime_ns
@@ -119,10 +119,10 @@ def test_compare_tables_from_json_and_clear_errors(tmp_path, capsys):
     assert main(["grid", "submit", str(grid), "--executor", "debug"]) == 0
     capsys.readouterr()
     res = tmp_path / "results" / "tiny"
-    assert main(["compare", str(res), "--metric", "full-ref.linkage.top1", "--out", str(tmp_path / "cmp")]) == 0
+    assert main(["compare", str(res), "--metric", "contrastive.full-ref.linkage.top1", "--out", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
     doc = json.loads((res / "metrics.json").read_text())
-    ident = next(c for c in doc["cells"] if c["axes"]["anonymizer"] == "identity")["result"]["protocols"]["full-ref/linkage"]["top1"]
+    ident = next(c for c in doc["cells"] if c["axes"]["anonymizer"] == "identity")["result"]["attacks"]["contrastive"]["protocols"]["full-ref/linkage"]["top1"]
     assert f"| identity | {ident['value']:.3f} [{ident['ci95'][0]:.2f}, {ident['ci95'][1]:.2f}] |" in out
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
     assert main(["compare", str(res), "--metric", "full-ref.top1"]) == 2

@@ -20,13 +20,12 @@ GRID_SCHEMA_VERSION = 1
 
 
 def cell_results(plan) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    from anonrisk.pipeline import Pipeline
-
+    """Report cards of the finished cells (schema of a run's results: attacks, leakage, utility)."""
     results, missing = {}, []
     for cell in plan.cells:
         node = plan.nodes[plan.cell_nodes[cell.id]["evaluate"]]
         if plan.is_done(node):
-            results[cell.id] = Pipeline(cell.config).evaluate(cell.spec)  # reads the finished stage
+            results[cell.id] = read_json(plan.runs_dir / node.key / "result.json")
         else:
             missing.append(cell.id)
     return results, missing

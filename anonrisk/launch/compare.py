@@ -1,7 +1,8 @@
 """``anonrisk compare``: one comparison table and plot from grid results, run results or MLflow.
 
 Every source becomes the same rows: ``{"source", "cell", <axis>: <label>, ..., <metric>: value}`` with
-metric names as in MLflow (``full-ref.exclude-source.top1``, ``..._lo``, ``..._hi``, ``leakage.edge_f``).
+metric names as in MLflow (``contrastive.full-ref.exclude-source.top1``, ``..._lo``, ``..._hi``,
+``worst.full-ref.exclude-source.top1``: the strongest attack, ``leakage.edge_f``, ``utility.ssim``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from anonrisk.errors import ConfigError
 from anonrisk.stages import read_json
 from anonrisk.tracking.mlflow_log import result_metrics
 
-DEFAULT_METRIC = "full-ref.exclude-source.top1"
+DEFAULT_METRIC = "worst.full-ref.exclude-source.top1"  # the strongest attack of each report card
 
 
 def rows_from_json(path: str | Path) -> list[dict[str, Any]]:

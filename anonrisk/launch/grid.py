@@ -10,6 +10,9 @@ e.g. a dataset with its root, or an anonymizer with a conditioning scale). Short
 Every cell is one full run config with one anonymizer. Its stages (prepare, anonymize, train, evaluate)
 are identified by the same fingerprints the pipeline uses for its directories, so cells that share a
 dataset x anonymizer share one anonymize node, and a node whose directory is DONE is never run again.
+``train`` is the contrastive attack's training (its own job: the long, checkpointed one); ``evaluate``
+writes the cell's report card (every configured attack, leakage, utility) into ``runs/cell/<fp>/``, and
+trains the other attacks' encoders (surrogate, edge-encoder) on the way.
 Planning is pure: it validates every cell and builds the graph without touching data or a cluster.
 """
 
@@ -138,6 +141,18 @@ class GridPlan:
         return (self.runs_dir / node.key / "DONE").exists()
 
 
+CELL_VERSION = 1
+
+
+def cell_stage(cfg: RunConfig):
+    """Where a cell's report card lives: named by everything that decides it (not where it is written or
+    tracked), so two grids sharing a cell share its result."""
+    from anonrisk.stages import StageDir, fingerprint
+
+    d = cfg.model_dump(mode="json", exclude={"name", "runs_dir", "results_dir", "tracking", "progress"})
+    return StageDir(cfg.runs_dir, "cell", fingerprint("cell", CELL_VERSION, d))
+
+
 def find_grid_file(path: str) -> Path:
     p = Path(path)
     if p.exists():
@@ -224,12 +239,15 @@ def plan_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None, 
         dirs_ = {
             "prepare": pipe.prepare_stage().path,
             "anonymize": pipe.anonymizer_stage(c.spec)[1].path,
-            "train": pipe.train_stage(c.spec).path,
-            "evaluate": pipe.evaluate_stage(c.spec).path,
+            "evaluate": cell_stage(c.config).path,
         }
+        if any(a.kind == "contrastive" and not a.params for a in c.config.attacks):
+            dirs_["train"] = pipe.train_stage(c.spec).path  # the heavy, checkpointed training: its own job
         keys = {stage: str(Path(d).relative_to(runs)) for stage, d in dirs_.items()}
         prev = None
         for stage in STAGES:
+            if stage not in keys:
+                continue
             key = keys[stage]
             node = nodes.setdefault(key, Node(stage, key, c.id, [prev] if prev else []))
             node.cells.append(c.id)

@@ -52,6 +52,7 @@ def usr2_checkpoints_training() -> Iterator[None]:
 def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: list[str]) -> dict:
     from anonrisk.config.schema import RunConfig
     from anonrisk.pipeline import Pipeline
+    from anonrisk.stages import read_json
     from anonrisk.tracking import grid_mlflow
 
     cfg = RunConfig.model_validate(cell_cfg)
@@ -68,10 +69,20 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
             grid_mlflow.log_training(Path(grid_dir), cid, path)
         return {"stage": stage, "path": str(path)}
     if stage == "evaluate":
-        result = pipe.evaluate(spec)
+        from anonrisk.launch.grid import cell_stage
+        from anonrisk.stages import write_json
+
+        out = cell_stage(cfg)
+        if not out.is_done():
+            out.begin({"config": cfg.model_dump(mode="json")})
+            pipe.prepare()
+            card = pipe.report_card(spec, pipe.validate_attacks())
+            write_json(out / "result.json", card)
+            out.mark_done({"attacks": sorted(card["attacks"])})
+        result = read_json(out / "result.json")
         for cid in cells:
             grid_mlflow.log_cell(Path(grid_dir), cid, result)
-        return {"stage": stage, "path": str(pipe.evaluate_stage(spec).path)}
+        return {"stage": stage, "path": str(out.path)}
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -3,8 +3,9 @@ run per grid with one child run per cell, and keeps their ids in ``<grid_dir>/ml
 log into those runs, so a requeued job continues the run its first attempt started.
 
 Names are stable across grids: params ``grid.<axis>`` (the cell's label on each axis), ``data.*``,
-``attack.*``, ``evaluate.*``, ``anonymizer.*``; metrics ``<protocol>.<mode>.<top1|top5|mrr>`` with
-``_lo``/``_hi``/``_norm``, ``leakage.*`` and ``train.loss`` per step.
+``attack.*``, ``evaluate.*``, ``anonymizer.*``; metrics as in a run's child runs,
+``<attack>.<protocol>.<mode>.<top1|top5|mrr>`` with ``_lo``/``_hi``/``_norm``, ``worst.*`` (the strongest
+attack), ``leakage.*``, ``utility.*``, and ``train.loss`` per step.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def log_cell(grid_dir: Path, cell_id: str, result: dict[str, Any]) -> None:
     if run.info.status == "FINISHED" and set(metrics) <= set(run.data.metrics):
         return
     _log_batch(client, run_id, [Metric(k, v, 0, 0) for k, v in metrics.items()])
-    client.set_tag(run_id, "anonrisk.evaluate_fp", result["fingerprints"]["evaluate"])
+    client.set_tag(run_id, "anonrisk.anonymize_fp", result["fingerprints"]["anonymize"])
     client.set_terminated(run_id, "FINISHED")
 
 

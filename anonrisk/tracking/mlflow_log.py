@@ -49,6 +49,7 @@ def result_metrics(result: dict[str, Any]) -> dict[str, float]:
     for key in keys:
         w = worst_case(result, key)
         metrics[f"worst.{key.replace('/', '.')}.top1"] = w["metric"]["value"]
+        metrics[f"worst.{key.replace('/', '.')}.top1_lo"], metrics[f"worst.{key.replace('/', '.')}.top1_hi"] = w["metric"]["ci95"]
         metrics[f"worst.{key.replace('/', '.')}.top1_norm"] = w["metric"]["normalized"]
     for k, v in result.get("leakage", {}).items():
         metrics[f"leakage.{k}"] = v

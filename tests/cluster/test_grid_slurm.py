@@ -112,7 +112,7 @@ def test_full_grid_sh_runs_every_cell_once(smoke_grid, slurm_cluster):
     doc = json.loads((g["dir"] / "results" / "smoke" / "metrics.json").read_text())
     assert doc["schema"] == "anonrisk.grid" and doc["missing"] == []
     assert len(doc["cells"]) == 6
-    top1 = {c["id"]: c["result"]["protocols"]["full-ref/linkage"]["top1"]["value"] for c in doc["cells"]}
+    top1 = {c["id"]: c["result"]["attacks"]["contrastive"]["protocols"]["full-ref/linkage"]["top1"]["value"] for c in doc["cells"]}
     assert all(top1[f"anonymizer=identity,backbone={b}"] >= 0.9 for b in ("test_convnext", "test_resnet")), top1
     assert (g["dir"] / "results" / "smoke" / "comparison.md").read_text().count("| identity |") == 1
 
@@ -235,4 +235,4 @@ def test_requeued_training_resumes_with_same_metrics(slurm_cluster, tmp_path, ti
     want = json.loads((tmp_path / "ref-results" / "requeue" / "metrics.json").read_text())
     assert [c["id"] for c in got["cells"]] == [c["id"] for c in want["cells"]]
     for a, b in zip(got["cells"], want["cells"]):
-        assert a["result"]["protocols"] == b["result"]["protocols"], a["id"]
+        assert a["result"]["attacks"] == b["result"]["attacks"], a["id"]
