@@ -52,3 +52,11 @@ def test_cli_reports_config_errors_cleanly_with_nonzero_exit():
 def test_cli_missing_config_file():
     r = subprocess.run([sys.executable, "-m", "anonrisk", "validate", "configs/nope.yaml"], capture_output=True, text=True)
     assert r.returncode == 2 and "config file not found: configs/nope.yaml" in r.stderr
+
+
+def test_default_attacks_are_specs_too():
+    # a config without an `attacks` list gets the default, validated like a given one
+    from anonrisk.config import load_config
+    from anonrisk.config.schema import AttackSpec
+
+    assert load_config(None).attacks == [AttackSpec(name="contrastive", kind="contrastive")]

@@ -170,7 +170,7 @@ class RunConfig(Strict):
     anonymize: AnonymizeConfig = AnonymizeConfig()
     attack: AttackConfig = AttackConfig()
     # the threat models run against every anonymizer; a bare name is an attack kind with default settings
-    attacks: list[Union[str, AttackSpec]] = ["contrastive"]
+    attacks: list[Union[str, AttackSpec]] = Field(["contrastive"], validate_default=True)  # bare names become specs
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     progress: bool = True
