@@ -121,20 +121,11 @@ def cmd_ls(args) -> int:
 
 
 def _grid_plan(args, check: bool = True):
-    from anonrisk.config.loader import parse_overrides
+    from anonrisk.config.loader import parse_override
     from anonrisk.launch.grid import plan_grid
 
-    dotted = {}
-    for item in args.overrides:  # kept dotted: they are the grid's ``fixed`` settings
-        key = item.split("=", 1)[0]
-        dotted[key] = _leaf(parse_overrides([item]), key)
+    dotted = dict(parse_override(item) for item in args.overrides)  # kept dotted: they join the grid's ``fixed``
     return plan_grid(args.grid, dotted, check=check), dotted
-
-
-def _leaf(nested: dict, dotted_key: str):
-    for part in dotted_key.split("."):
-        nested = nested[part]
-    return nested
 
 
 def cmd_grid(args) -> int:

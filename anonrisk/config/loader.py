@@ -21,25 +21,35 @@ from anonrisk.errors import ConfigError
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """``["attack.steps=10", "anonymizers=[identity,blur]"]`` -> nested dict (values parsed as YAML)."""
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"attack.steps=10"`` -> ``("attack.steps", 10)`` (the value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. attack.backbone=resnet18)")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), (yaml.safe_load(raw) if raw != "" else "")
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+
+
+def nest(dotted: dict[str, Any], what: str = "override") -> dict[str, Any]:
+    """``{"attack.steps": 10}`` -> ``{"attack": {"steps": 10}}`` (later keys win, sections merge)."""
     out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. attack.backbone=resnet18)")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    for key, value in dotted.items():
+        parts = key.split(".")
         node = out
-        parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {key}: {p!r} is set to a value and also used as a section")
-        node[parts[-1]] = value
+                raise ConfigError(f"{what} {key}: {p!r} is set to a value and also used as a section")
+        last = parts[-1]
+        node[last] = deep_merge(node[last], value) if isinstance(value, dict) and isinstance(node.get(last), dict) else value
     return out
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["attack.steps=10", "anonymizers=[identity,blur]"]`` -> nested dict (values parsed as YAML)."""
+    return nest(dict(parse_override(item) for item in items))
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from typing import Any, Optional, Union
 
 from pydantic import Field, ValidationError
 
-from anonrisk.config.loader import REPO_CONFIGS, deep_merge, format_validation_error, load_yaml, preset_dirs, resolve_anonymizer, validate
+from anonrisk.config.loader import (REPO_CONFIGS, deep_merge, format_validation_error, load_yaml, nest, preset_dirs,
+                                    resolve_anonymizer, validate)
 from anonrisk.config.schema import RunConfig, Strict
 from anonrisk.errors import ConfigError
 from anonrisk.launch.profile import ClusterProfile, StageResources, load_profile
@@ -43,20 +44,6 @@ class GridSpec(Strict):
     fixed: dict[str, Any] = {}
     axes: dict[str, AxisValues] = {}
     resources: dict[str, dict[str, Any]] = {}  # per-stage overrides of the profile's resources
-
-
-def nest(dotted: dict[str, Any]) -> dict[str, Any]:
-    """``{"attack.steps": 10}`` -> ``{"attack": {"steps": 10}}`` (later keys win, sections merge)."""
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        parts = key.split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"grid: {key!r}: {p!r} is set to a value and also used as a section")
-        node[parts[-1]] = deep_merge(node[parts[-1]], value) if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) else value
-    return out
 
 
 def _expand_env(value: Any) -> Any:
@@ -172,9 +159,8 @@ def load_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
         raise ConfigError(format_validation_error(exc, GridSpec, str(p))) from None
     if overrides:
         spec.fixed = {**spec.fixed, **overrides}
-    for key in spec.fixed:
-        if key.split(".")[0] in ("anonymizers",) and "anonymizer" in spec.axes:
-            raise ConfigError(f"{p}: fixed.{key} conflicts with the anonymizer axis")
+    if "anonymizer" in spec.axes and "anonymizers" in spec.fixed:
+        raise ConfigError(f"{p}: fixed.anonymizers conflicts with the anonymizer axis")
     return spec, p
 
 
@@ -204,14 +190,14 @@ def plan_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None, 
     resources = profile.resources_for(spec.resources, f"{gpath}: resources")
     dirs = preset_dirs(base_path) if base_path else preset_dirs(gpath)
 
-    fixed = nest(_expand_env(spec.fixed))
+    fixed = nest(_expand_env(spec.fixed), f"{gpath}: fixed")
     axes = [[(name, label, settings) for label, settings in axis_choices(name, values)] for name, values in spec.axes.items()]
     cells: list[Cell] = []
     for combo in itertools.product(*axes) if axes else [()]:
         cell_id = ",".join(f"{name}={label}" for name, label, _ in combo) or "all"
         raw = deep_merge(base, fixed)
         for _, _, settings in combo:
-            raw = deep_merge(raw, nest(_expand_env(settings)))
+            raw = deep_merge(raw, nest(_expand_env(settings), f"{gpath}: axes"))
         raw["name"] = f"{spec.name}"
         where = f"{gpath}: cell {cell_id}"
         cfg = validate(raw, where)
