@@ -151,7 +151,7 @@ def test_anonymization_guidance(faces):
     guided = ready(preset("camouflage-base-tiny"))
     x0, x1 = plain(faces[:2], [5, 6]), guided(faces[:2], [5, 6])
     assert np.abs(x0.astype(int) - x1).mean() > 1.0
-    params = {k: v for k, v in plain.params.items() if not k.startswith(("identity_", "anonymization_"))}
+    params = {k: v for k, v in plain.p.model_dump(exclude_unset=True).items() if not k.startswith(("identity_", "anonymization_"))}
     same = ready(ANONYMIZERS.build("diffusion", **params))  # a = 0 is exactly the plain ControlNet loop
     assert np.array_equal(same(faces[:2], [5, 6]), x0)
 
