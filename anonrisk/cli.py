@@ -98,7 +98,11 @@ def cmd_validate(args) -> int:
     from anonrisk.pipeline import Pipeline
 
     cfg = _load(args)
-    Pipeline(cfg).validate()
+    pipe = Pipeline(cfg)
+    pipe.validate()
+    settings = pipe.plan.dataset.p.model_dump(mode="json")
+    if settings:  # the dataset kind's settings with their defaults
+        setattr(cfg.data, cfg.data.dataset, settings)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     print(f"# valid: {args.config or '<defaults>'}", file=sys.stderr)
     return 0
@@ -109,7 +113,7 @@ def cmd_ls(args) -> int:
     if not runs.is_dir():
         print(f"no runs under {runs}/")
         return 0
-    for stage in ("prepare", "anonymize", "train", "evaluate", "quality", "embed"):
+    for stage in ("prepare", "anonymize", "train", "evaluate", "quality", "embed", "cell"):
         for marker in sorted((runs / stage).glob("**/config.json")):
             d = marker.parent
             status = "done" if (d / "DONE").exists() else "partial"

@@ -11,13 +11,27 @@ asked for and never breaks the other kinds.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Generic, Mapping, Optional, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Mapping, Optional, TypeVar
+
+from pydantic import BaseModel
 
 from anonrisk.config.validation import NoParams, validate_model
 from anonrisk.errors import ConfigError
 
 log = logging.getLogger("anonrisk")
 T = TypeVar("T")
+
+
+class Kind:
+    """The base of every registered kind (anonymizer, attack, dataset): its settings are a pydantic ``Params``
+    model, validated by the registry and handed to the instance as ``self.p``; ``key`` says where in the
+    config it comes from (for error messages)."""
+
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel, key: str = ""):
+        self.p = params
+        self.key = key
 
 
 class Registry(Generic[T]):

@@ -15,24 +15,17 @@ import abc
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
-from pydantic import BaseModel
 
-from anonrisk.config.validation import NoParams
-from anonrisk.registry import Registry
+from anonrisk.registry import Kind, Registry
 
 ANONYMIZERS: Registry[type["Anonymizer"]] = Registry("anonymizer", group="anonrisk.anonymizers")
 
 
-class Anonymizer(abc.ABC):
-    Params: ClassVar[type[BaseModel]] = NoParams
+class Anonymizer(Kind, abc.ABC):
     #: bump when the output for the same params changes, so fingerprints (and caches) change with it
     version: ClassVar[int] = 1
     #: the devices it wants: "cpu" or "gpu" (a Ray runner gives "gpu" anonymizers one GPU per actor)
     device_kind: ClassVar[str] = "cpu"
-
-    def __init__(self, params: BaseModel, key: str = ""):
-        self.p = params
-        self.key = key
 
     def setup(self, device: str = "cpu") -> None:
         """Load models onto ``device``; called once per worker before the first batch."""

@@ -15,11 +15,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence
 
-from pydantic import BaseModel
-
 from anonrisk.config.schema import TrainConfig
-from anonrisk.config.validation import NoParams
-from anonrisk.registry import Registry
+from anonrisk.registry import Kind, Registry
 from anonrisk.stages import StageDir
 
 if TYPE_CHECKING:
@@ -52,18 +49,13 @@ class AttackContext:
         return [r for r in self.records if r.split == split]
 
 
-class Attack(abc.ABC):
+class Attack(Kind, abc.ABC):
     """One threat model. ``Params`` is validated by the registry; the instance is shared by every target."""
 
-    Params: ClassVar[type[BaseModel]] = NoParams
     #: bump when the similarity for the same inputs changes, so evaluate fingerprints change with it
     version: ClassVar[int] = 1
     #: one line for the report: what the attacker has
     threat: ClassVar[str] = ""
-
-    def __init__(self, params: BaseModel, key: str = ""):
-        self.p = params
-        self.key = key
 
     # ---- planning: static, from the config alone ------------------------------------------------------
     def training(self, base: TrainConfig) -> Optional[TrainConfig]:

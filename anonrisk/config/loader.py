@@ -14,7 +14,7 @@ import yaml
 
 from anonrisk.config.migrate import migrate
 from anonrisk.config.schema import RunConfig, Spec
-from anonrisk.config.validation import validate_model
+from anonrisk.config.validation import repeated, validate_model
 from anonrisk.errors import ConfigError
 
 # Where presets live when a config names one by a bare name: the config's own folder first, then the
@@ -115,8 +115,7 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
     cfg = validate(raw, source)
     dirs = preset_dirs(path)
     specs = [resolve_anonymizer(e, dirs, i) for i, e in enumerate(cfg.anonymizers)]
-    names = [s.name for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = repeated([s.name for s in specs])
     if dupes:
         raise ConfigError(f"anonymizers: names must be unique, repeated: {', '.join(dupes)}")
     cfg.anonymizers = specs

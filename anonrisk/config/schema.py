@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, field_validator
 
-from anonrisk.config.validation import Strict
+from anonrisk.config.validation import Strict, repeated
 
 
 class SplitConfig(Strict):
@@ -181,8 +181,7 @@ class RunConfig(Strict):
         if not v:
             raise ValueError("at least one attack is needed")
         specs = [Spec(name=a, kind=a) if isinstance(a, str) else a for a in v]
-        names = [s.name for s in specs]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = repeated([s.name for s in specs])
         if dupes:
             raise ValueError(f"attack names must be unique, repeated: {', '.join(dupes)}")
         return specs

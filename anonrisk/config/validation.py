@@ -24,6 +24,11 @@ class NoParams(Strict):
     """The Params of a kind that takes none."""
 
 
+def repeated(names: list[str]) -> list[str]:
+    """The names that occur more than once (sorted)."""
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 def fields_of(model: Any) -> dict[str, Any]:
     """Field name -> FieldInfo of a pydantic model or pydantic dataclass (empty for anything else)."""
     found = getattr(model, "__pydantic_fields__", None)

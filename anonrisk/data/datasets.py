@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from anonrisk.config.validation import NoParams, Strict
+from anonrisk.config.validation import Strict
 from anonrisk.errors import DataError
-from anonrisk.registry import Registry
+from anonrisk.registry import Kind, Registry
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm"}
 
@@ -40,14 +40,9 @@ class DatasetContext:
     progress: bool = True
 
 
-class Dataset(abc.ABC):
-    Params: ClassVar[type[BaseModel]] = NoParams
+class Dataset(Kind, abc.ABC):
     #: whether it reads ``data.root`` (its resolved path then enters the data fingerprint)
     needs_root: ClassVar[bool] = True
-
-    def __init__(self, params: BaseModel, key: str = ""):
-        self.p = params
-        self.key = key
 
     @abc.abstractmethod
     def items(self, ctx: DatasetContext) -> list[RawItem]:
