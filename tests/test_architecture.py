@@ -15,7 +15,7 @@ MAX_LINES = 400
 
 # bottom to top: a module may import its own layer and the layers below it
 LAYERS = {
-    "core": ["anonrisk", "anonrisk.errors", "anonrisk.stages", "anonrisk.registry", "anonrisk.weights", "anonrisk.devices",
+    "core": ["anonrisk", "anonrisk.errors", "anonrisk.stages", "anonrisk.registry", "anonrisk.weights", "anonrisk.devices", "anonrisk.environment",
              "anonrisk.config", "anonrisk.config.*"],
     "library": ["anonrisk.data.records", "anonrisk.data.io", "anonrisk.data.synthetic",
                 "anonrisk.attack.losses", "anonrisk.attack.model", "anonrisk.attack.gradcache", "anonrisk.attack.dist",

@@ -144,6 +144,15 @@ class DiffusionAnonymizer(Anonymizer):
         """Subclass hook: more networks (stored in ``Models.extra``)."""
         return {}
 
+    def runtime(self) -> dict:
+        if self.m is None:
+            return {}
+        p, m = self.p, self.m
+        from anonrisk.devices import device_name
+
+        return {"device": device_name(m.device), "dtype": str(m.dtype).removeprefix("torch."), "attention": m.attention,
+                "compile": bool(p.compile), "fuse_qkv": bool(p.fuse_qkv)}
+
     def _load_controlnet(self, spec: str, index: int, dtype, latent_conditioning: bool = False, seed: Optional[int] = None):
         return load_controlnet(self.p, spec, index, dtype, latent_conditioning, seed)
 

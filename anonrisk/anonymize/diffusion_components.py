@@ -109,6 +109,7 @@ class Models:
     scheduler_config: dict
     controlnets: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    attention: str = "sdpa"  # the attention backend optimize actually enabled
 
     @property
     def vae_factor(self) -> int:
@@ -142,6 +143,8 @@ def torch_dtype(name: str, dev):
 def load_models(p, controlnet_specs: Sequence[str], dev, load_extra: Callable[[Any], dict]) -> Models:
     """Every network of ``p`` (DiffusionParams) on ``dev``, frozen, in eval mode, optimised for the device;
     ``load_extra(dtype)`` adds a subclass's own networks (``Models.extra``)."""
+    from anonrisk.weights import own_aligned_
+
     dtype = torch_dtype(p.dtype, dev)
     arch = random_arch(p.model)
     inpaint_unet = p.mode == "inpaint"
@@ -171,6 +174,7 @@ def load_models(p, controlnet_specs: Sequence[str], dev, load_extra: Callable[[A
     m = Models(dev, dtype, unet, vae, te, tok, sched_cfg, controlnets)
     m.extra = load_extra(dtype)
     for mod in m.modules():
+        own_aligned_(mod)  # loaded weights sit unaligned in the file buffer: see weights.own_aligned_
         mod.requires_grad_(False).eval().to(dev)
         if mod.dtype != dtype:
             mod.to(dtype=dtype)
@@ -195,11 +199,13 @@ def optimize(m: Models, p) -> None:
     import torch
 
     nets = [m.unet, *m.controlnets, *m.extra.values()]
+    m.attention = "sdpa"
     if p.attention in ("auto", "xformers"):
         ok, why = xformers_usable(m.device)
         if ok:
             for net in nets + [m.vae]:
                 net.enable_xformers_memory_efficient_attention()
+            m.attention = "xformers"
             log.info("attention: xformers")
         elif p.attention == "xformers":
             log.warning("attention: xformers requested but its kernels do not run on %s (%s); using SDPA", m.device, why)
