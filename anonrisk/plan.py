@@ -135,9 +135,6 @@ class RunPlan:
             raise ConfigError(f"anonymizer {name!r} is not in this config; in it: {', '.join(self.targets)}")
         return self.targets[name]
 
-    def attack_names(self) -> list[str]:
-        return [a.name for a in self.cfg.attacks]
-
 
 def cell_fingerprints(data: StageDir, anonymize: StageDir, quality: StageDir, attacks: dict[str, AttackPlan]) -> dict[str, Any]:
     return {"data": data.fingerprint, "anonymize": anonymize.fingerprint, "quality": quality.fingerprint,
@@ -145,17 +142,16 @@ def cell_fingerprints(data: StageDir, anonymize: StageDir, quality: StageDir, at
 
 
 def plan_dataset(cfg: DataConfig) -> Dataset:
-    """The dataset kind with its settings (``data.<kind>:``); every settings section must name a kind."""
+    """The dataset kind with its settings (``data.<kind>:``). Every settings section must name a kind, and is
+    checked even when another kind is used (a base config's synthetic section under a CelebA axis)."""
     for kind in cfg.kind_settings():
         if kind not in DATASETS:
             raise ConfigError(f"data.{kind}: unknown key; valid keys here: {', '.join(fields_of(DataConfig))}, "
                               f"or the settings of a dataset kind: {', '.join(DATASETS.names())}")
-        if not isinstance(cfg.kind_settings()[kind], dict):
-            raise ConfigError(f"data.{kind}: expected a mapping of the {kind} dataset's settings")
-    for kind, settings in cfg.kind_settings().items():  # another kind's settings (a base config's): checked, unused
-        DATASETS.params(kind, settings, "data", prefix=f"data.{kind}.")
-    kind = DATASETS.get(cfg.dataset, "data.dataset")
-    return kind(DATASETS.params(cfg.dataset, cfg.kind_settings().get(cfg.dataset, {}), "data", prefix=f"data.{cfg.dataset}."), "data")
+    dataset = DATASETS.get(cfg.dataset, "data.dataset")
+    settings = {cfg.dataset: {}, **cfg.kind_settings()}
+    params = {kind: DATASETS.params(kind, given, "data", prefix=f"data.{kind}.") for kind, given in settings.items()}
+    return dataset(params[cfg.dataset], "data")
 
 
 def plan_data(cfg: DataConfig, runs_dir: str) -> tuple[Dataset, StageDir]:

@@ -94,7 +94,7 @@ class Registry(Generic[T]):
         """``params`` validated by the kind's ``Params`` model (a ConfigError naming each bad key as
         ``<prefix><key>``)."""
         model = getattr(self.get(name, key), "Params", NoParams)
-        return validate_model(model, dict(params), f"{key or name}: {self.kind} {name!r}", prefix=prefix)
+        return validate_model(model, params, f"{key or name}: {self.kind} {name!r}", prefix=prefix)
 
     def build(self, name: str, key: str = "", **params: Any) -> Any:
         """An instance of kind ``name``: its Params validated, then ``Kind(params, key)``."""
