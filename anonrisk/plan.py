@@ -64,9 +64,10 @@ def train_fingerprint(cfg: TrainConfig, data_fp: str, source_fp: str, image_size
 
 
 def attack_fingerprint(attack: Attack, train_fp: Optional[str], data_fp: str, anon_fp: str) -> str:
-    """What decides an attack's similarity matrix against one target: its settings, its encoder (if it
-    trains one) and the target's probes."""
-    return fingerprint("attack", type(attack).__name__, attack.version, attack.settings(), train_fp, data_fp, anon_fp)
+    """What decides an attack's similarity matrix against one target: its encoder (a trained attack) or its
+    settings and the data (the others), and the target's probes."""
+    decided_by = (train_fp,) if train_fp else (attack.settings(), data_fp)
+    return fingerprint("attack", type(attack).__name__, attack.version, *decided_by, anon_fp)
 
 
 def evaluate_fingerprint(cfg: EvaluateConfig, attack_fp: str) -> str:
@@ -185,8 +186,8 @@ def plan(cfg: RunConfig) -> RunPlan:
         key = f"anonymizers[{i}] ({spec.name})"
         memo = spec.model_dump_json(include={"kind", "params"})
         anonymizer = built[memo] = built.get(memo) or _anonymizer(spec, key)
-        anon_fp = anonymize_fingerprint(anonymizer, size, cfg.anonymize.seed)
-        anonymize = StageDir(runs, "anonymize", data_fp, anon_fp)
+        anonymize = StageDir(runs, "anonymize", data_fp, anonymize_fingerprint(anonymizer, size, cfg.anonymize.seed))
+        anon_fp = anonymize.fingerprint  # "<data>/<anonymize>", as every stage downstream names it
         sources = {"target": anon_fp, "aux": f"{anon_fp}:aux", "originals": "originals-only"}
         plans = {}
         for a, akey, attack, train_cfg in attacks:
