@@ -20,16 +20,15 @@ def _load(args):
 
 
 def _select(pipe, names):
-    specs = pipe.cfg.anonymizers
+    """The planned targets, or those named by --only."""
+    targets = pipe.plan.targets
     if names:
-        known = {s.name for s in specs}
-        unknown = [n for n in names if n not in known]
+        unknown = [n for n in names if n not in targets]
         if unknown:
             from anonrisk.errors import ConfigError
 
-            raise ConfigError(f"--only: unknown anonymizer(s) {', '.join(unknown)}; in this config: {', '.join(sorted(known))}")
-        specs = [s for s in specs if s.name in names]
-    return specs
+            raise ConfigError(f"--only: unknown anonymizer(s) {', '.join(unknown)}; in this config: {', '.join(sorted(targets))}")
+    return [t for name, t in targets.items() if not names or name in names]
 
 
 def cmd_run(args) -> int:
@@ -52,8 +51,8 @@ def cmd_stage(args) -> int:
     if args.command == "report":
         pipe.prepare()
         unavailable = pipe.validate_attacks()
-        missing = [f"{s.name} x {a.name}" for s in pipe.cfg.anonymizers for a in pipe.cfg.attacks
-                   if a.name not in unavailable and not pipe.evaluate_stage(s, a).is_done()]
+        missing = [f"{t.name} x {a.name}" for t in pipe.plan.targets.values() for a in t.attacks.values()
+                   if a.name not in unavailable and not a.evaluate.is_done()]
         if missing:
             from anonrisk.errors import AnonriskError
 
@@ -61,30 +60,31 @@ def cmd_stage(args) -> int:
         doc = pipe.run()
         print(doc["table"])
         return 0
-    pipe.validate()  # anonymizers and the training plan
-    trained = [a for a in pipe.cfg.attacks if a.kind in ("contrastive", "surrogate", "edge-encoder")]
+    pipe.validate()  # anonymizers and the training plans
     if args.command != "anonymize":
         pipe.prepare()
         unavailable = pipe.validate_attacks()
-    for spec in _select(pipe, args.only):
+    for t in _select(pipe, args.only):
         if args.command == "anonymize":
-            print(f"anonymize {spec.name}: {pipe.anonymize(spec).path}")
+            print(f"anonymize {t.name}: {pipe.anonymize(t).path}")
         elif args.command == "train":
-            for a in trained or [pipe.attack_spec("contrastive")]:
-                print(f"train {spec.name} ({a.name}): {pipe.train(spec, a).path}")
+            if not t.trained():
+                print(f"train {t.name}: none of the attacks ({', '.join(t.attacks)}) trains an encoder")
+            for a in t.trained():
+                print(f"train {t.name} ({a.name}): {pipe.train(t, a.name).path}")
         else:
-            for a in pipe.cfg.attacks:
+            for a in t.attacks.values():
                 if a.name in unavailable:
-                    print(f"evaluate {spec.name} ({a.name}): skipped: {unavailable[a.name]}")
+                    print(f"evaluate {t.name} ({a.name}): skipped: {unavailable[a.name]}")
                     continue
-                m = pipe.evaluate(spec, a)
+                m = pipe.evaluate(t, a.name)
                 top1 = next(iter(m["protocols"].values()))["top1"]["value"]
-                print(f"evaluate {spec.name} ({a.name}): {pipe.evaluate_stage(spec, a).path} (top-1 {top1:.3f})")
+                print(f"evaluate {t.name} ({a.name}): {a.evaluate.path} (top-1 {top1:.3f})")
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from anonrisk.evaluate.sweep import load_sweeps, run_sweeps
+    from anonrisk.launch.sweep import load_sweeps, run_sweeps
 
     summary = run_sweeps(_load(args), load_sweeps(args.sweeps), args.config)
     print((Path(summary["results_dir"]) / "sweep.md").read_text())
@@ -98,7 +98,11 @@ def cmd_validate(args) -> int:
     from anonrisk.pipeline import Pipeline
 
     cfg = _load(args)
-    Pipeline(cfg).validate()
+    pipe = Pipeline(cfg)
+    pipe.validate()
+    settings = pipe.plan.dataset.p.model_dump(mode="json")
+    if settings:  # the dataset kind's settings with their defaults
+        setattr(cfg.data, cfg.data.dataset, settings)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     print(f"# valid: {args.config or '<defaults>'}", file=sys.stderr)
     return 0
@@ -109,7 +113,7 @@ def cmd_ls(args) -> int:
     if not runs.is_dir():
         print(f"no runs under {runs}/")
         return 0
-    for stage in ("prepare", "anonymize", "train", "evaluate", "quality", "embed"):
+    for stage in ("prepare", "anonymize", "train", "evaluate", "quality", "embed", "cell"):
         for marker in sorted((runs / stage).glob("**/config.json")):
             d = marker.parent
             status = "done" if (d / "DONE").exists() else "partial"
@@ -147,17 +151,19 @@ def cmd_grid(args) -> int:
         if "message" in out:
             print(out["message"])
         else:
+            verb = "submitted" if args.executor == "slurm" else "ran"  # Slurm: one array per stage (and per MaxArraySize)
             for stage, ids in out["submitted"].items():
-                what = f"{len(plan.stage_nodes(stage))} jobs" if stage != "collect" else "1 job"
-                print(f"{stage:10s} {what}: {', '.join(ids)}" if args.executor == "slurm" else f"{stage:10s} ran {', '.join(ids)} job(s)")
+                print(f"{stage:10s} {verb}: {', '.join(ids)}")
             if "collect" in out:
                 print(out["collect"]["table"])
                 print(f"results: {out['collect']['results_dir']}/")
         return 0
     if args.grid_command == "status":
+        from anonrisk.launch.status import format_status, status
+
         plan, _ = _grid_plan(args, check=False)
-        st = driver.status(plan)
-        print(driver.format_status(st))
+        st = status(plan)
+        print(format_status(st))
         return 0 if not st["problems"] else 1
     from anonrisk.launch.collect import collect
 
@@ -198,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(sp):
         sp.add_argument("config", nargs="?", help="YAML config (e.g. configs/quickstart.yaml)")
-        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. attack.backbone=resnet18 anonymizers=[identity,blur]")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.backbone=resnet18 anonymizers=[identity,blur]")
         return sp
 
     r = with_config(sub.add_parser("run", help="prepare, anonymize, train, evaluate and report"))

@@ -1,243 +1,185 @@
-"""The stage chain of one run: prepare -> anonymize -> train -> evaluate -> report.
+"""The executor of a run's plan (``anonrisk.plan``): prepare -> anonymize -> train -> evaluate -> report.
 
 Each method is idempotent: it reuses a finished stage (DONE marker) and resumes an unfinished one, so
 ``anonrisk run`` twice does no work the second time, and the stage commands can be run one by one (or by
-a grid launcher, one cell per job) in any order.
+a grid launcher, one cell per job) in any order. Attacks get an ``AttackContext``, never the pipeline.
 """
 
 from __future__ import annotations
 
 import logging
 from functools import cached_property
-from typing import Optional
+from typing import Optional, Union
 
-from anonrisk.config.schema import AnonymizerSpec, AttackSpec, RunConfig
+from anonrisk.config.schema import DataConfig, RunConfig, Spec
 from anonrisk.data.records import FaceRecord, read_manifest
-from anonrisk.devices import resolve_device
-from anonrisk.errors import Unavailable
+from anonrisk.errors import ConfigError, Unavailable
+from anonrisk.plan import AttackPlan, RunPlan, TargetPlan, plan, plan_data
 from anonrisk.stages import StageDir
 
 log = logging.getLogger("anonrisk")
+Target = Union[str, Spec, TargetPlan]
+
+
+def prepare_data(cfg: DataConfig, runs_dir: str, progress: bool = True) -> tuple[StageDir, list[FaceRecord]]:
+    """Run (or reuse) the prepare stage of a data config alone; its directory and the manifest's records."""
+    from anonrisk.data.prepare import prepare
+
+    dataset, stage = plan_data(cfg, runs_dir)
+    return stage, prepare(cfg, dataset, stage, progress)
 
 
 class Pipeline:
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-        self.progress = cfg.progress
-        self._attacks: dict[str, object] = {}
+    def __init__(self, cfg: Union[RunConfig, RunPlan]):
+        self.plan = cfg if isinstance(cfg, RunPlan) else plan(cfg)
+        self.cfg = self.plan.cfg
+        self.progress = self.cfg.progress
+
+    def target(self, which: Target) -> TargetPlan:
+        return which if isinstance(which, TargetPlan) else self.plan.target(which)
+
+    def attack(self, target: Target, name: str) -> AttackPlan:
+        t = self.target(target)
+        if name not in t.attacks:
+            raise ConfigError(f"attack {name!r} is not in this config; in it: {', '.join(t.attacks)}")
+        return t.attacks[name]
 
     # ---- prepare ---------------------------------------------------------------------------------
     @cached_property
-    def _prepared(self) -> tuple[StageDir, list[FaceRecord]]:
-        from anonrisk.data.datasets import prepare
+    def records(self) -> list[FaceRecord]:
+        from anonrisk.data.prepare import prepare
 
-        return prepare(self.cfg.data, self.cfg.runs_dir, self.progress)
+        return prepare(self.cfg.data, self.plan.dataset, self.plan.prepare, self.progress)
 
     def prepare(self) -> StageDir:
-        return self._prepared[0]
+        self.records  # noqa: B018 - runs (or reuses) the stage
+        return self.plan.prepare
 
-    @property
-    def records(self) -> list[FaceRecord]:
-        return self._prepared[1]
-
-    @property
-    def data_fp(self) -> str:
-        # from the config alone, so a grid can plan every downstream stage before any data is prepared
-        from anonrisk.data.datasets import data_fingerprint
-
-        return data_fingerprint(self.cfg.data)
-
-    def prepare_stage(self) -> StageDir:
-        return StageDir(self.cfg.runs_dir, "prepare", self.data_fp)
-
-    def spec(self, name: str) -> AnonymizerSpec:
-        for s in self.cfg.anonymizers:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
-    # ---- anonymize -------------------------------------------------------------------------------
-    def anonymizer_stage(self, spec: AnonymizerSpec):
-        from anonrisk.anonymize import build_anonymizer
-        from anonrisk.anonymize.runner import anonymize_stage
-
-        anonymizer = build_anonymizer(spec)
-        return anonymizer, anonymize_stage(self.cfg.runs_dir, self.data_fp, anonymizer, self.cfg.data.image_size, self.cfg.anonymize)
-
-    def validate_anonymizers(self) -> None:
-        """Build and validate every anonymizer before any image is processed."""
-        from anonrisk.anonymize import build_anonymizer
-
-        for spec in self.cfg.anonymizers:
-            build_anonymizer(spec).validate()
-
-    def validate_training(self) -> None:
-        """Refuse an impossible training plan (fp16 on the CPU, a batch the launched ranks cannot share,
-        GradCache on an unsupported ZeRO stage, ...) before any stage runs."""
-        from anonrisk.attack.dist import read_env
-        from anonrisk.attack.engine import validate_plan
-
-        validate_plan(self.cfg.attack, resolve_device(self.cfg.attack.device), read_env().world_size)
-
+    # ---- checks before any work --------------------------------------------------------------------
     def validate(self) -> None:
-        self.validate_anonymizers()
-        self.validate_training()
+        """Every anonymizer and every trained attack's training plan (fp16 on the CPU, a batch the launched
+        ranks cannot share, GradCache on an unsupported ZeRO stage, ...), before any stage runs."""
+        from anonrisk.attack.train_plan import check_training
 
-    def anonymize(self, spec: AnonymizerSpec) -> StageDir:
-        anonymizer, stage = self.anonymizer_stage(spec)
-        if stage.is_done():
-            return stage
-        anonymizer.validate()
-        if self.cfg.anonymize.runner == "ray":
-            from anonrisk.anonymize.ray_runner import anonymize_ray
+        for t in self.plan.targets.values():
+            t.anonymizer.validate()
+        for a in next(iter(self.plan.targets.values())).trained():
+            check_training(a.train_config)
 
-            return anonymize_ray(spec, anonymizer, self.records, stage, self.cfg.data.image_size, self.cfg.anonymize, self.progress)
-        from anonrisk.anonymize.runner import anonymize_local
+    def context(self, target: Optional[TargetPlan], a: AttackPlan):
+        from anonrisk.attack.base import AttackContext
 
-        device = resolve_device(self.cfg.anonymize.device)
-        return anonymize_local(spec, anonymizer, self.records, stage, self.cfg.data.image_size, self.cfg.anonymize, device, self.progress)
-
-    # ---- attacks --------------------------------------------------------------------------------
-    def attack_spec(self, attack: str | AttackSpec) -> AttackSpec:
-        """An attack of this config by name; a registered kind not in the config runs with its defaults."""
-        if isinstance(attack, AttackSpec):
-            return attack
-        for a in self.cfg.attacks:
-            if a.name == attack:
-                return a
-        return AttackSpec(name=attack, kind=attack)
-
-    def build_attack(self, attack: str | AttackSpec = "contrastive"):
-        from anonrisk.attack.suite import build_attack
-
-        spec = self.attack_spec(attack)
-        if spec.name not in self._attacks or self._attacks[spec.name].spec != spec:
-            index = next((i for i, a in enumerate(self.cfg.attacks) if a.name == spec.name), None)
-            key = f"attacks[{index}] ({spec.name})" if index is not None else f"attack {spec.name}"
-            self._attacks[spec.name] = build_attack(spec, key)
-        return self._attacks[spec.name]
+        anonymized = (lambda: self._anonymized(target)) if target is not None else None
+        return AttackContext(self.records, self.cfg.data.image_size, self.progress, a.train, a.train_config, a.caches, anonymized)
 
     def validate_attacks(self) -> dict[str, str]:
         """Check every configured attack before any work (needs the prepared records): a wrong setting is a
         ConfigError; a missing optional resource (weights, package) comes back as {name: reason}."""
         unavailable = {}
-        for a in self.cfg.attacks:
+        for a in next(iter(self.plan.targets.values())).attacks.values():  # an attack's checks do not depend on the target
             try:
-                self.build_attack(a).validate(self)
+                a.attack.validate(self.context(None, a))
             except Unavailable as exc:
                 unavailable[a.name] = str(exc)
         return unavailable
 
-    # ---- train -----------------------------------------------------------------------------------
-    def train_stage(self, spec: AnonymizerSpec, attack: str | AttackSpec = "contrastive") -> StageDir:
-        from anonrisk.attack.train import train_fingerprint
+    # ---- anonymize -------------------------------------------------------------------------------
+    def anonymize(self, target: Target) -> StageDir:
+        from anonrisk.anonymize.runner import AnonymizeJob, anonymize_local
 
-        if self.attack_spec(attack) != AttackSpec(name="contrastive", kind="contrastive"):
-            return self.build_attack(attack).train_stage(self, spec)
-        _, anon_stage = self.anonymizer_stage(spec)
-        fp = train_fingerprint(self.cfg.attack, self.data_fp, anon_stage.fingerprint, self.cfg.data.image_size)
-        return StageDir(self.cfg.runs_dir, "train", fp)
+        t = self.target(target)
+        if t.anonymize.is_done():
+            return t.anonymize
+        t.anonymizer.validate()
+        job = AnonymizeJob(t.spec, t.anonymizer, self.records, t.anonymize, self.cfg.data.image_size, self.cfg.anonymize, self.progress)
+        if self.cfg.anonymize.runner == "ray":
+            from anonrisk.anonymize.ray_runner import anonymize_ray
 
-    def train(self, spec: AnonymizerSpec, attack: str | AttackSpec = "contrastive") -> StageDir:
-        """Train (or reuse) the encoder of a trained attack (contrastive, surrogate, edge-encoder) against ``spec``."""
-        from anonrisk.attack.train import train_attack
+            return anonymize_ray(job)
+        return anonymize_local(job)
 
-        if self.attack_spec(attack) != AttackSpec(name="contrastive", kind="contrastive"):
-            atk = self.build_attack(attack)
-            atk.prepare(self, spec)
-            return atk.train_stage(self, spec)
-        stage = self.train_stage(spec)
-        if stage.is_done():
-            return stage
+    def _anonymized(self, t: TargetPlan) -> list[FaceRecord]:
+        """The target's anonymized manifest for an attack, anonymizing first (in one process only)."""
         from anonrisk.attack.dist import read_env
 
-        if read_env().world_size > 1 and not self.anonymizer_stage(spec)[1].is_done():
-            from anonrisk.errors import ConfigError
-
+        world = read_env().world_size
+        if world > 1 and not t.anonymize.is_done():
             # several ranks would write the same shards: anonymize once, then launch the training ranks
-            raise ConfigError(f"multi-process training of {spec.name!r}: run `anonrisk anonymize` first (one process)")
-        anon_stage = self.anonymize(spec)
-        train_attack(
-            self.cfg.attack,
-            read_manifest(anon_stage / "manifest.jsonl"),
-            self.records,
-            self.cfg.data.image_size,
-            stage,
-            resolve_device(self.cfg.attack.device),
-            self.progress,
-        )
-        return stage
+            raise ConfigError(f"{world} processes would anonymize {t.name!r} at once: run `anonrisk anonymize` first (one process)")
+        return read_manifest(self.anonymize(t) / "manifest.jsonl")
+
+    # ---- train -----------------------------------------------------------------------------------
+    def train(self, target: Target, attack: str) -> StageDir:
+        """Train (or reuse) the encoder of a trained attack against ``target``."""
+        t = self.target(target)
+        a = self.attack(t, attack)
+        if a.train is None:
+            raise ConfigError(f"{a.key}: a {a.spec.kind} attack trains nothing")
+        if not a.train.is_done():
+            a.attack.train(self.context(t, a))
+        return a.train
 
     # ---- evaluate --------------------------------------------------------------------------------
-    def evaluate_stage(self, spec: AnonymizerSpec, attack: str | AttackSpec = "contrastive") -> StageDir:
-        from anonrisk.evaluate.evaluate import eval_fingerprint
-
-        return StageDir(self.cfg.runs_dir, "evaluate", eval_fingerprint(self.cfg.evaluate, self.build_attack(attack).fingerprint(self, spec)))
-
-    def quality_stage(self, spec: AnonymizerSpec) -> StageDir:
-        from anonrisk.evaluate.evaluate import quality_fingerprint
-
-        _, anon_stage = self.anonymizer_stage(spec)
-        return StageDir(self.cfg.runs_dir, "quality", quality_fingerprint(self.cfg.evaluate, self.data_fp, anon_stage.fingerprint, self.cfg.data.image_size))
-
-    def quality(self, spec: AnonymizerSpec) -> dict:
-        """Structure leakage and utility of ``spec``'s test images (independent of any attack)."""
+    def quality(self, target: Target) -> dict:
+        """Structure leakage and utility of the target's test images (independent of any attack)."""
         from anonrisk.evaluate.evaluate import measure_quality
 
-        stage = self.quality_stage(spec)
-        anon = [] if stage.is_done() else read_manifest(self.anonymize(spec) / "manifest.jsonl")
-        return measure_quality(anon, self.records, self.cfg.data.image_size, self.cfg.evaluate, stage)
+        t = self.target(target)
+        anon = [] if t.quality.is_done() else read_manifest(self.anonymize(t) / "manifest.jsonl")
+        return measure_quality(anon, self.records, self.cfg.data.image_size, self.cfg.evaluate, t.quality)
 
-    def attack_result(self, spec: AnonymizerSpec, attack: str | AttackSpec = "contrastive") -> dict:
+    def attack_result(self, target: Target, attack: str) -> dict:
         """One attack against one anonymizer: protocols with intervals (raises Unavailable when it cannot run)."""
         from anonrisk.evaluate.evaluate import QUALITY_KEYS, evaluate_similarity, probes_and_gallery
         from anonrisk.stages import read_json
 
-        atk = self.build_attack(attack)
-        stage = self.evaluate_stage(spec, attack)
-        if stage.is_done():
-            metrics = read_json(stage / "metrics.json")
+        t = self.target(target)
+        a = self.attack(t, attack)
+        if a.evaluate.is_done():
+            metrics = read_json(a.evaluate / "metrics.json")
         else:
-            atk.validate(self)
-            atk.prepare(self, spec)
-            probes, gallery = probes_and_gallery(read_manifest(self.anonymize(spec) / "manifest.jsonl"), self.records)
-            metrics = evaluate_similarity(lambda p, g: atk.similarity(self, spec, p, g), probes, gallery, self.cfg.evaluate, stage,
-                                          {"attack": atk.describe(), "evaluate": self.cfg.evaluate.model_dump(exclude=set(QUALITY_KEYS))})
-        _, anon_stage = self.anonymizer_stage(spec)
+            ctx = self.context(t, a)
+            a.attack.validate(ctx)
+            a.attack.train(ctx)
+            probes, gallery = probes_and_gallery(ctx.anonymized(), self.records)
+            begin = {"attack": {**a.attack.describe(), "spec": a.spec.model_dump()},
+                     "evaluate": self.cfg.evaluate.model_dump(exclude=set(QUALITY_KEYS))}
+            metrics = evaluate_similarity(lambda p, g: a.attack.similarity(ctx, p, g), probes, gallery, self.cfg.evaluate, a.evaluate, begin)
         return {
-            "attack": atk.spec.name,
-            "kind": atk.spec.kind,
-            "threat": atk.threat,
-            "fingerprints": {"data": self.data_fp, "anonymize": anon_stage.fingerprint, **atk.upstream(self, spec), "evaluate": stage.fingerprint},
+            "attack": a.name,
+            "kind": a.spec.kind,
+            "threat": a.attack.threat,
+            "fingerprints": {"data": t.data.fingerprint, "anonymize": t.anonymize.fingerprint, **a.fingerprints()},
             **metrics,
         }
 
-    def evaluate(self, spec: AnonymizerSpec, attack: str | AttackSpec = "contrastive") -> dict:
+    def evaluate(self, target: Target, attack: str) -> dict:
         """One attack against one anonymizer, with the anonymizer's leakage (the v1 result shape)."""
-        result = {"anonymizer": spec.model_dump(), **self.attack_result(spec, attack)}
+        t = self.target(target)
+        result = {"anonymizer": t.spec.model_dump(), **self.attack_result(t, attack)}
         if self.cfg.evaluate.leakage:
-            result["leakage"] = self.quality(spec)["leakage"]
+            result["leakage"] = self.quality(t)["leakage"]
         return result
 
-    def report_card(self, spec: AnonymizerSpec, unavailable: Optional[dict[str, str]] = None) -> dict:
-        """Every configured attack against ``spec`` (a skipped one with its reason), leakage and utility."""
+    def report_card(self, target: Target, unavailable: Optional[dict[str, str]] = None) -> dict:
+        """Every configured attack against ``target`` (a skipped one with its reason), leakage and utility."""
+        t = self.target(target)
         unavailable = unavailable or {}
         attacks = {}
-        for a in self.cfg.attacks:
+        for a in t.attacks.values():
             if a.name in unavailable:
-                attacks[a.name] = {"attack": a.name, "kind": a.kind, "skipped": unavailable[a.name]}
+                attacks[a.name] = {"attack": a.name, "kind": a.spec.kind, "skipped": unavailable[a.name]}
                 continue
             try:
-                attacks[a.name] = self.attack_result(spec, a)
+                attacks[a.name] = self.attack_result(t, a.name)
             except Unavailable as exc:
-                log.warning("attack %s skipped for %s: %s", a.name, spec.name, exc)
-                attacks[a.name] = {"attack": a.name, "kind": a.kind, "skipped": str(exc)}
-        _, anon_stage = self.anonymizer_stage(spec)
+                log.warning("attack %s skipped for %s: %s", a.name, t.name, exc)
+                attacks[a.name] = {"attack": a.name, "kind": a.spec.kind, "skipped": str(exc)}
         return {
-            "anonymizer": spec.model_dump(),
-            "fingerprints": {"data": self.data_fp, "anonymize": anon_stage.fingerprint, "quality": self.quality_stage(spec).fingerprint},
+            "anonymizer": t.spec.model_dump(),
+            "fingerprints": {"data": t.data.fingerprint, "anonymize": t.anonymize.fingerprint, "quality": t.quality.fingerprint},
             "attacks": attacks,
-            **self.quality(spec),
+            **self.quality(t),
         }
 
     # ---- the whole run ---------------------------------------------------------------------------
@@ -248,8 +190,8 @@ class Pipeline:
         self.prepare()
         unavailable = self.validate_attacks()
         results = {}
-        for spec in self.cfg.anonymizers:
-            if only and spec.name not in only:
+        for name, t in self.plan.targets.items():
+            if only and name not in only:
                 continue
-            results[spec.name] = self.report_card(spec, unavailable)
+            results[name] = self.report_card(t, unavailable)
         return write_report(self.cfg, self.prepare(), results)

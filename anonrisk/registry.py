@@ -1,43 +1,101 @@
-"""Name -> factory registries (anonymizers, backbones, datasets, attacks), with errors that list the options."""
+"""Name -> kind registries (anonymizers, attacks, datasets, annotators, recognizers) with errors that list
+the options, and each kind's pydantic ``Params`` validated in one place.
+
+The built-in kinds register themselves when their package is imported (``anonrisk.anonymize``,
+``anonrisk.attack``, ``anonrisk.data``). Kinds from other packages come through entry points (group
+``anonrisk.anonymizers``, ``anonrisk.attacks``, ``anonrisk.datasets``): an entry point names a class (or a
+module whose import registers it); one that fails to import is reported with its package's name when it is
+asked for and never breaks the other kinds.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, TypeVar
+import logging
+from typing import Any, Callable, ClassVar, Generic, Mapping, Optional, TypeVar
 
+from pydantic import BaseModel
+
+from anonrisk.config.validation import NoParams, validate_model
 from anonrisk.errors import ConfigError
 
+log = logging.getLogger("anonrisk")
 T = TypeVar("T")
 
 
-class Registry(Generic[T]):
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._entries: dict[str, Callable[..., T]] = {}
+class Kind:
+    """The base of every registered kind (anonymizer, attack, dataset): its settings are a pydantic ``Params``
+    model, validated by the registry and handed to the instance as ``self.p``; ``key`` says where in the
+    config it comes from (for error messages)."""
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        def deco(factory: Callable[..., T]) -> Callable[..., T]:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} registered twice")
-            self._entries[name] = factory
-            return factory
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel, key: str = ""):
+        self.p = params
+        self.key = key
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, group: Optional[str] = None):
+        self.kind = kind
+        self.group = group  # entry-point group of outside kinds
+        self._entries: dict[str, T] = {}
+        self._broken: dict[str, str] = {}  # entry-point name -> why it did not load
+        self._discovered = group is None
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(entry: T) -> T:
+            self.add(name, entry)
+            return entry
 
         return deco
 
+    def add(self, name: str, entry: T) -> None:
+        if name in self._entries and self._entries[name] is not entry:
+            raise ValueError(f"{self.kind} {name!r} registered twice")
+        self._entries[name] = entry
+
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=self.group):
+            if ep.name in self._entries:
+                continue
+            package = ep.dist.name if ep.dist is not None else "?"
+            try:
+                loaded = ep.load()
+            except Exception as exc:  # noqa: BLE001 - any failure: report it, keep the other kinds
+                self._broken[ep.name] = f"package {package} ({ep.value}) failed to load: {type(exc).__name__}: {exc}"
+                log.warning("%s %r from %s", self.kind, ep.name, self._broken[ep.name])
+                continue
+            if ep.name not in self._entries and callable(loaded):  # a module that registered itself is done
+                self.add(ep.name, loaded)
+
     def __contains__(self, name: str) -> bool:
+        self._discover()
         return name in self._entries
 
     def names(self) -> list[str]:
+        self._discover()
         return sorted(self._entries)
 
-    def get(self, name: str, key: str = "") -> Callable[..., T]:
-        if name not in self._entries:
-            where = f"{key}: " if key else ""
-            raise ConfigError(f"{where}unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
-        return self._entries[name]
+    def get(self, name: str, key: str = "") -> T:
+        self._discover()
+        if name in self._entries:
+            return self._entries[name]
+        where = f"{key}: " if key else ""
+        if name in self._broken:
+            raise ConfigError(f"{where}{self.kind} {name!r}: {self._broken[name]}")
+        raise ConfigError(f"{where}unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
 
-    def build(self, name: str, key: str = "", **params: Any) -> T:
-        factory = self.get(name, key)
-        try:
-            return factory(**params)
-        except TypeError as exc:
-            raise ConfigError(f"{key or name}: bad parameters for {self.kind} {name!r}: {exc}") from None
+    def params(self, name: str, params: Mapping[str, Any], key: str = "", prefix: str = "params.") -> Any:
+        """``params`` validated by the kind's ``Params`` model (a ConfigError naming each bad key as
+        ``<prefix><key>``)."""
+        model = getattr(self.get(name, key), "Params", NoParams)
+        return validate_model(model, params, f"{key or name}: {self.kind} {name!r}", prefix=prefix)
+
+    def build(self, name: str, key: str = "", **params: Any) -> Any:
+        """An instance of kind ``name``: its Params validated, then ``Kind(params, key)``."""
+        return self.get(name, key)(self.params(name, params, key), key or f"{self.kind} {name}")

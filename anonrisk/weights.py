@@ -1,5 +1,6 @@
 """Reading a state dict from a local weights file: ``.safetensors``, or a torch file read with
-``weights_only=True`` (never arbitrary pickles); a ``{"state_dict": ...}`` wrapper is unwrapped."""
+``weights_only=True`` (never arbitrary pickles). Checkpoints that wrap the weights (``{"state_dict": ...}``,
+``{"model": ...}``) are unwrapped, and DataParallel's ``module.`` prefixes dropped."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    import torch
+        state = load_file(str(path))
+    else:
+        import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return state
-
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 #: what the CPU allocator guarantees (and MKL asks for): a tensor at a smaller alignment can take other

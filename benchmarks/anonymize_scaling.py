@@ -78,17 +78,19 @@ def time_variant(name, spec, records, data_fp, image_size, cfg, workers, scratch
     """One timed anonymize call into a fresh stage directory, with a freshly built anonymizer."""
     from anonrisk.anonymize import build_anonymizer
     from anonrisk.anonymize.ray_runner import anonymize_ray
-    from anonrisk.anonymize.runner import anonymize_fingerprint, anonymize_local
+    from anonrisk.anonymize.runner import AnonymizeJob, anonymize_local
+    from anonrisk.plan import anonymize_fingerprint
     from anonrisk.stages import StageDir, read_json
 
     anonymizer = build_anonymizer(spec)
-    stage = StageDir(scratch / f"{name}-{time.monotonic_ns()}", "anonymize", data_fp, anonymize_fingerprint(anonymizer, image_size, cfg))
+    # a fresh directory per timed call (not the content-addressed runs dir): every call does the whole work
+    stage = StageDir(scratch / f"{name}-{time.monotonic_ns()}", "anonymize", data_fp, anonymize_fingerprint(anonymizer, image_size, cfg.seed))
     t0 = time.perf_counter()
     if workers == 0:
-        anonymize_local(spec, anonymizer, records, stage, image_size, cfg, "cpu", progress=False)
+        anonymize_local(AnonymizeJob(spec, anonymizer, records, stage, image_size, cfg.model_copy(update={"device": "cpu"}), progress=False))
     else:
         c = cfg.model_copy(update={"runner": "ray", "ray": cfg.ray.model_copy(update={"num_workers": workers})})
-        anonymize_ray(spec, anonymizer, records, stage, image_size, c, progress=False)
+        anonymize_ray(AnonymizeJob(spec, anonymizer, records, stage, image_size, c, progress=False))
     seconds = time.perf_counter() - t0
     summary = read_json(stage / "DONE")
     ready = summary.get("first_ready_seconds", 0.0)
@@ -206,8 +208,8 @@ def main(argv=None) -> dict:
         return doc
     import ray
 
-    from anonrisk.config.schema import AnonymizeConfig, AnonymizerSpec, DataConfig
-    from anonrisk.data.datasets import prepare
+    from anonrisk.config.schema import AnonymizeConfig, DataConfig, Spec
+    from anonrisk.pipeline import prepare_data as prepare
 
     workers = [int(w) for w in args.workers.split(",")]
     scratch = Path(tempfile.mkdtemp(prefix="anonrisk-scaling-"))
@@ -223,12 +225,12 @@ def main(argv=None) -> dict:
         data = DataConfig(image_size=args.image_size, synthetic={"identities": args.identities, "images_per_identity": args.images_per_identity})
         stage, records = prepare(data, str(scratch / "data"), progress=False)
         cfg = AnonymizeConfig(shard_size=args.shard_size, batch_size=args.batch_size)
-        spec = AnonymizerSpec(name=args.anonymizer, kind=args.anonymizer)
+        spec = Spec(name=args.anonymizer, kind=args.anonymizer)
         results.append(bench(f"{args.anonymizer}-{args.image_size}px", spec, records, stage.fingerprint, args.image_size, cfg, workers, args.reps, scratch))
         # Ray's own cost per shard, nearly alone: the identity anonymizer on many small shards
         data_p = DataConfig(image_size=64, synthetic={"identities": 50, "images_per_identity": 8})
         st_p, rec_p = prepare(data_p, str(scratch / "data-probe"), progress=False)
-        probe = bench("overhead-probe: identity-64px", AnonymizerSpec(name="identity", kind="identity"), rec_p, st_p.fingerprint, 64,
+        probe = bench("overhead-probe: identity-64px", Spec(name="identity", kind="identity"), rec_p, st_p.fingerprint, 64,
                       AnonymizeConfig(shard_size=8, batch_size=8), [1], args.reps, scratch)
         if args.tiny_diffusion:
             from anonrisk.config import load_config

@@ -32,11 +32,11 @@ def cell_overrides(study: dict, batch: int, train_pairs: int) -> list[str]:
         lr *= math.sqrt(batch / lr_rule.get("base_batch", batch))
     elif lr_rule.get("scaling") == "linear":
         lr *= batch / lr_rule.get("base_batch", batch)
-    out = [f"attack.batch_size={batch}", f"attack.steps={steps}", f"attack.lr={lr:.6g}",
-           f"attack.per_identity={study.get('per_identity', 2)}", f"attack.checkpoint_every={max(steps // 4, 1)}"]
+    out = [f"train.batch_size={batch}", f"train.steps={steps}", f"train.lr={lr:.6g}",
+           f"train.per_identity={study.get('per_identity', 2)}", f"train.checkpoint_every={max(steps // 4, 1)}"]
     chunk = study.get("grad_cache_chunk")
     if chunk and batch > chunk:
-        out.append(f"attack.grad_cache_chunk={chunk}")
+        out.append(f"train.grad_cache_chunk={chunk}")
     return out
 
 
@@ -68,18 +68,19 @@ def main(argv=None) -> int:
         pipe.validate()
         for spec in cfg.anonymizers:
             t0 = time.perf_counter()
-            m = pipe.evaluate(spec)
-            train_stage = pipe.train_stage(spec)
+            trained = pipe.target(spec).trained()[0]  # the study's attack: the config's first trained one
+            m = pipe.evaluate(spec, trained.name)
+            train_stage = trained.train
             done = read_json(train_stage / "DONE")
             losses = [json.loads(x)["loss"] for x in (train_stage / "log.jsonl").read_text().splitlines()]
             top1 = m["protocols"][metric]["top1"]
             link = m["protocols"].get(metric.split("/")[0] + "/linkage", {}).get("top1", {})
-            rows.append({"anonymizer": spec.name, "batch": batch, "steps": cfg.attack.steps, "lr": cfg.attack.lr,
-                         "grad_cache_chunk": cfg.attack.grad_cache_chunk, "top1": top1["value"], "ci95": top1["ci95"],
+            rows.append({"anonymizer": spec.name, "batch": batch, "steps": cfg.train.steps, "lr": cfg.train.lr,
+                         "grad_cache_chunk": cfg.train.grad_cache_chunk, "top1": top1["value"], "ci95": top1["ci95"],
                          "chance": top1["chance"], "linkage_top1": link.get("value"), "final_loss": sum(losses[-5:]) / len(losses[-5:]),
                          "train_seconds": done.get("seconds"), "cell_seconds": time.perf_counter() - t0,
                          "train_fingerprint": train_stage.fingerprint})
-            print(f"{spec.name} batch {batch}: top-1 {top1['value']:.3f} {top1['ci95']} ({cfg.attack.steps} steps)", flush=True)
+            print(f"{spec.name} batch {batch}: top-1 {top1['value']:.3f} {top1['ci95']} ({cfg.train.steps} steps)", flush=True)
 
     out = Path(probe.cfg.results_dir) / study["name"]
     out.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,7 @@ def make_step(spec: dict, device):
 
     from anonrisk.attack.losses import contrastive_loss
     from anonrisk.attack.model import Encoder
-    from anonrisk.config.schema import AttackConfig
+    from anonrisk.config.schema import TrainConfig
 
     b, size = spec["batch"], spec["image_size"]
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -124,7 +124,7 @@ def make_step(spec: dict, device):
         return step
     from anonrisk.attack.engine import build_engine, contrastive_step
 
-    cfg = AttackConfig(backbone=spec["backbone"], input="rgb", embed_dim=spec["embed_dim"], batch_size=b, lr=1e-4,
+    cfg = TrainConfig(backbone=spec["backbone"], input="rgb", embed_dim=spec["embed_dim"], batch_size=b, lr=1e-4,
                        engine=spec["kind"], precision=spec["precision"], grad_cache_chunk=spec.get("chunk"),
                        zero_stage=spec.get("zero_stage"), freeze_bn=spec.get("chunk") is not None)
     engine, _ = build_engine(cfg, str(device))

@@ -47,9 +47,9 @@ def train_few_steps(overrides, rank=0, world=1, steps=3):
     import torch.distributed as dist
 
     from anonrisk.attack.engine import build_engine, contrastive_step
-    from anonrisk.config.schema import AttackConfig
+    from anonrisk.config.schema import TrainConfig
 
-    cfg = AttackConfig(backbone="test_convnext", input="rgb+edges", embed_dim=16, batch_size=GLOBAL_BATCH,
+    cfg = TrainConfig(backbone="test_convnext", input="rgb+edges", embed_dim=16, batch_size=GLOBAL_BATCH,
                        optimizer="sgd", lr=0.05, learn_temperature=True, **overrides)
     engine, plan = build_engine(cfg, "cpu")
     assert engine.world_size == world, (engine.world_size, world)

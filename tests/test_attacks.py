@@ -10,6 +10,7 @@ import pytest
 from anonrisk.config import load_config
 from anonrisk.errors import ConfigError
 from anonrisk.pipeline import Pipeline
+from anonrisk.plan import plan
 
 MAIN = "full-ref/exclude-source"
 ATTACKS = (
@@ -25,7 +26,7 @@ def small_cfg(tmp, *overrides):
         "data.synthetic.identities=90", "data.synthetic.images_per_identity=6",
         "data.split.test_fraction=0.34", "data.split.aux_fraction=0.33",
         "anonymizers=[identity,noise,blur,resynth]", f"attacks={ATTACKS}",
-        "attack.batch_size=32", "attack.steps=60", "evaluate.bootstrap=200", "evaluate.few_ref_k=3", *overrides])
+        "train.batch_size=32", "train.steps=60", "evaluate.bootstrap=200", "evaluate.few_ref_k=3", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_edge_encoder_trained_on_originals_only(suite):
     trains = {doc["results"][n]["attacks"]["edge-encoder"]["fingerprints"]["train"] for n in doc["results"]}
     assert len(trains) == 1
     cfg = json.loads(Path(tmp, "runs", "train", trains.pop(), "config.json").read_text())
-    assert cfg["attack"]["input"] == "edges"
+    assert cfg["train"]["input"] == "edges"
 
 
 @pytest.mark.slow
@@ -124,18 +125,44 @@ def test_surrogate_without_aux_identities_is_a_config_error(tmp_path):
 
 
 def test_attack_config_errors_name_the_key(tmp_path):
+    # kinds and params are checked when the plan is built, before any stage runs
     with pytest.raises(ConfigError, match=r"attacks\[0\].*unknown attack 'edges'.*edge-encoder"):
-        small_cfg(tmp_path, "attacks=[edges]")
+        plan(small_cfg(tmp_path, "attacks=[edges]"))
     with pytest.raises(ConfigError, match="repeated: edge"):
         small_cfg(tmp_path, "attacks=[edge, edge]")
-    cfg = small_cfg(tmp_path, "attacks=[{name: e, kind: edge, params: {score: hamming}}, {name: s, kind: surrogate, params: {stepz: 3}}]",
-                    "data.synthetic.identities=12", "anonymizers=[identity]")
+    with pytest.raises(ConfigError, match=r"attacks\[0\] \(e\): attack 'edge': params.score: 'hamming' is not allowed; expected 'ncc' or 'chamfer'"):
+        plan(small_cfg(tmp_path, "attacks=[{name: e, kind: edge, params: {score: hamming}}]"))
+    with pytest.raises(ConfigError, match=r"attacks\[0\] \(s\): attack 'surrogate': params.stepz: unknown key; valid keys here: backbone"):
+        plan(small_cfg(tmp_path, "attacks=[{name: s, kind: surrogate, params: {stepz: 3}}]"))
+    with pytest.raises(ConfigError, match=r"attacks\[0\] \(e\): attack 'edge': params: score=chamfer needs binary edges"):
+        plan(small_cfg(tmp_path, "attacks=[{name: e, kind: edge, params: {score: chamfer, edges: sobel}}]"))
+
+
+TRAINED = "[{name: c, kind: contrastive, params: {steps: 5}}, surrogate, edge-encoder]"
+
+
+def test_every_trained_attack_gets_the_training_plan_check(tmp_path):
+    # fp16 on the CPU is refused for each trained attack, not only for the default one
+    for kind in ("contrastive", "surrogate", "edge-encoder"):
+        pipe = Pipeline(small_cfg(tmp_path, f"attacks=[{{name: a, kind: {kind}, params: {{precision: fp16}}}}]", "train.device=cpu"))
+        with pytest.raises(ConfigError, match=r"train.precision=fp16 on the CPU"):
+            pipe.validate()
+    Pipeline(small_cfg(tmp_path, f"attacks={TRAINED}", "train.device=cpu")).validate()
+
+
+def test_every_attack_that_reads_the_target_gets_the_multi_process_guard(tmp_path, monkeypatch):
+    cfg = small_cfg(tmp_path, f"attacks={TRAINED}", "data.synthetic.identities=12", "anonymizers=[identity]")
     pipe = Pipeline(cfg)
     pipe.prepare()
-    with pytest.raises(ConfigError, match=r"attacks\[0\] \(e\).params.score: 'hamming'"):
-        pipe.build_attack("e").validate(pipe)
-    with pytest.raises(ConfigError, match=r"attacks\[1\] \(s\).params: unknown key\(s\) stepz"):
-        pipe.build_attack("s").validate(pipe)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("c", "surrogate"):  # several ranks must not anonymize the target at once
+        with pytest.raises(ConfigError, match=r"2 processes would anonymize 'identity' at once: run `anonrisk anonymize` first"):
+            pipe.train("identity", name)
+    assert not (tmp_path / "runs" / "anonymize").exists()
+    # edge-encoder never reads the target; one encoder for every anonymizer
+    t = pipe.target("identity")
+    assert t.attacks["edge-encoder"].train_config.input == "edges" and t.attacks["c"].train_config.steps == 5
 
 
 def test_edge_scores_known_answers():

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from anonrisk.config.schema import DataConfig
-from anonrisk.data.datasets import prepare
+from anonrisk.pipeline import prepare_data as prepare
 from anonrisk.data.synthetic import render_image
 from anonrisk.errors import DataError
 

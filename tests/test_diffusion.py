@@ -151,7 +151,7 @@ def test_anonymization_guidance(faces):
     guided = ready(preset("camouflage-base-tiny"))
     x0, x1 = plain(faces[:2], [5, 6]), guided(faces[:2], [5, 6])
     assert np.abs(x0.astype(int) - x1).mean() > 1.0
-    params = {k: v for k, v in plain.params.items() if not k.startswith(("identity_", "anonymization_"))}
+    params = {k: v for k, v in plain.p.model_dump(exclude_unset=True).items() if not k.startswith(("identity_", "anonymization_"))}
     same = ready(ANONYMIZERS.build("diffusion", **params))  # a = 0 is exactly the plain ControlNet loop
     assert np.array_equal(same(faces[:2], [5, 6]), x0)
 
@@ -176,7 +176,7 @@ def test_save_pretrained_round_trip_from_local_directory(tmp_path, faces):
     from anonrisk.weights import ALIGNMENT
 
     for a in (mem, disk):
-        unaligned = [n for mod in a._modules(a.m) for n, t in [*mod.named_parameters(), *mod.named_buffers()] if t.data_ptr() % ALIGNMENT]
+        unaligned = [n for mod in a.m.modules() for n, t in [*mod.named_parameters(), *mod.named_buffers()] if t.data_ptr() % ALIGNMENT]
         assert not unaligned, unaligned[:5]
 
     cam = save_random_model(tmp_path / "cam", "tiny", seed=0, controlnets=5, identity_controlnet=True)

@@ -13,19 +13,19 @@ import pytest
 import torch
 
 from anonrisk.attack.engine import build_engine, contrastive_step, validate_plan
-from anonrisk.config.schema import AttackConfig
+from anonrisk.config.schema import TrainConfig
 from anonrisk.errors import ConfigError
 
 TINY = dict(backbone="test_convnext", input="rgb+edges", embed_dim=16, batch_size=8)
 
 
 def attack(**kw):
-    return AttackConfig(**{**TINY, **kw})
+    return TrainConfig(**{**TINY, **kw})
 
 
 # ---- refusals, before any model is built ------------------------------------------------------------
 def test_fp16_on_cpu_is_refused_with_the_reason():
-    with pytest.raises(ConfigError, match=r"attack.precision=fp16 on the CPU.*bf16 or fp32"):
+    with pytest.raises(ConfigError, match=r"train.precision=fp16 on the CPU.*bf16 or fp32"):
         validate_plan(attack(precision="fp16"), "cpu")
     with pytest.raises(ConfigError, match="fp16"):
         validate_plan(attack(precision="fp16", engine="deepspeed"), "cpu")
@@ -33,13 +33,13 @@ def test_fp16_on_cpu_is_refused_with_the_reason():
 
 
 def test_batch_not_divisible_by_world_size_is_refused():
-    with pytest.raises(ConfigError, match=r"attack.batch_size=10 is not divisible by the world size 4"):
+    with pytest.raises(ConfigError, match=r"train.batch_size=10 is not divisible by the world size 4"):
         validate_plan(attack(batch_size=10), "cpu", world_size=4)
     assert validate_plan(attack(batch_size=12), "cpu", world_size=4).per_rank_batch == 3
 
 
 def test_grad_cache_chunk_must_divide_the_per_rank_batch():
-    with pytest.raises(ConfigError, match=r"attack.grad_cache_chunk=3 must divide the per-rank batch 8"):
+    with pytest.raises(ConfigError, match=r"train.grad_cache_chunk=3 must divide the per-rank batch 8"):
         validate_plan(attack(grad_cache_chunk=3, batch_size=16), "cpu", world_size=2)
     assert validate_plan(attack(grad_cache_chunk=2, batch_size=16), "cpu", world_size=2).chunks == 4
 
@@ -79,8 +79,8 @@ def test_deepspeed_presets_and_bad_configs(tmp_path):
 def test_cli_refuses_before_any_stage_runs(tmp_path, capsys):
     from anonrisk.cli import main
 
-    rc = main(["train", "configs/quickstart.yaml", f"runs_dir={tmp_path}/runs", "attack.precision=fp16", "attack.device=cpu"])
-    assert rc == 2 and "attack.precision=fp16 on the CPU" in capsys.readouterr().err
+    rc = main(["train", "configs/quickstart.yaml", f"runs_dir={tmp_path}/runs", "train.precision=fp16", "train.device=cpu"])
+    assert rc == 2 and "train.precision=fp16 on the CPU" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()  # nothing prepared, anonymized or trained
 
 

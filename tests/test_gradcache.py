@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from anonrisk.attack.engine import ContrastiveModel
+from anonrisk.attack.engine_base import ContrastiveModel
 from anonrisk.attack.gradcache import freeze_batchnorm, full_batch_step, grad_cache_step
 from anonrisk.attack.losses import contrastive_loss
 from anonrisk.attack.model import Encoder

@@ -23,7 +23,7 @@ def write_grid(tmp_path: Path, **changes) -> Path:
         "profile": "local",
         "fixed": {"runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "progress": False,
                   "data.image_size": 32, "data.synthetic": {"identities": 16, "images_per_identity": 3},
-                  "attack.steps": 6, "attack.batch_size": 16, "evaluate.bootstrap": 20, "evaluate.leakage": False,
+                  "train.steps": 6, "train.batch_size": 16, "evaluate.bootstrap": 20, "evaluate.leakage": False,
                   "tracking.experiment": "tiny-grid"},
         "axes": {"anonymizer": ["identity", "noise"], "backbone": ["test_convnext"]},
     }
@@ -43,8 +43,36 @@ def test_smoke_grid_shares_each_anonymization_across_backbones():
     # every cell's chain: evaluate -> train -> anonymize -> prepare
     for cell in plan.cells:
         keys = plan.cell_nodes[cell.id]
-        assert plan.nodes[keys["evaluate"]].deps == [keys["train"]]
-        assert plan.nodes[keys["train"]].deps == [keys["anonymize"]]
+        assert plan.nodes[keys["evaluate"]].deps == [keys["train:contrastive"]]
+        assert plan.nodes[keys["train:contrastive"]].deps == [keys["anonymize"]]
+
+
+def test_operational_settings_never_make_new_cells():
+    """A cell is named by its plan's fingerprints: another runner, batch size, Ray setting or device plans
+    the same cells and stage directories (a whole-config cell name once made new cells for the same work)."""
+    smoke = REPO / "configs" / "grids" / "smoke.yaml"
+    a = plan_grid(smoke, {"runs_dir": "/nonexistent/runs"}, check=False)
+    b = plan_grid(smoke, {"runs_dir": "/nonexistent/runs", "anonymize.runner": "ray", "anonymize.batch_size": 7, "anonymize.shard_size": 3,
+                          "anonymize.ray.num_workers": 3, "anonymize.device": "cpu", "train.device": "cpu", "train.checkpoint_every": 2,
+                          "progress": True, "tracking.mlflow": False}, check=False)
+    assert list(a.nodes) == list(b.nodes) and a.cell_nodes == b.cell_nodes
+    c = plan_grid(smoke, {"runs_dir": "/nonexistent/runs", "train.steps": 17}, check=False)  # real work: new trainings and cells
+    assert {n.key for n in c.stage_nodes("anonymize")} == {n.key for n in a.stage_nodes("anonymize")}
+    assert not {n.key for n in c.stage_nodes("train")} & {n.key for n in a.stage_nodes("train")}
+    assert not {n.key for n in c.stage_nodes("evaluate")} & {n.key for n in a.stage_nodes("evaluate")}
+
+
+def test_every_trained_attack_is_a_train_node():
+    grid = plan_grid(REPO / "configs" / "grids" / "smoke.yaml",
+                     {"runs_dir": "/nonexistent/runs", "attacks": ["contrastive", "edge-encoder", "edge"]}, check=False)
+    trains = grid.stage_nodes("train")
+    # 6 contrastive trainings; one edge-encoder training (originals only) shared by the cells of a backbone
+    assert len(trains) == 6 + 2 and sorted(n.attack for n in trains).count("edge-encoder") == 2
+    shared = next(n for n in trains if n.attack == "edge-encoder")
+    assert len(shared.cells) == 3 and shared.deps == [grid.cell_nodes[shared.cell]["prepare"]]
+    for cell in grid.cells:
+        keys = grid.cell_nodes[cell.id]
+        assert grid.nodes[keys["evaluate"]].deps == [keys["train:contrastive"], keys["train:edge-encoder"]]
 
 
 def test_full_grid_plan_counts(monkeypatch, tmp_path):
@@ -60,13 +88,13 @@ def test_full_grid_plan_counts(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"axes": {"anonymizer": ["identity", "blurr"]}}, "unknown anonymizer 'blurr'"),
-    ({"axes": {"anonymizer": ["identity"], "backbone": ["resnet_51"]}}, "attack.backbone 'resnet_51' is not a timm model"),
-    ({"axes": {"anonymizer": ["identity"], "dataset": ["imagenet"]}}, "'data.dataset': 'imagenet' is not allowed"),
+    ({"axes": {"anonymizer": ["identity"], "backbone": ["resnet_51"]}}, "train.backbone 'resnet_51' is not a timm model"),
+    ({"axes": {"anonymizer": ["identity"], "dataset": ["imagenet"]}}, "data.dataset: unknown dataset 'imagenet'; known: celeba, folder, lfw, synthetic"),
     ({"axes": {"anonymizer": ["identity"], "dataset": {"celeba": {"data.dataset": "celeba", "data.root": "/no/such/celeba"}}}},
      "data.root '/no/such/celeba' is not a directory"),
     ({"resources": {"train": {"gpus": 16}}}, "train.gpus=16 exceeds what cluster profile 'local' allows (max_gpus_per_node=8)"),
     ({"resources": {"trian": {"gpus": 1}}}, "unknown stage(s) trian"),
-    ({"axes": {"anonymizer": ["identity"], "attack.temprature": [0.1]}}, "unknown key 'attack.temprature'"),
+    ({"axes": {"anonymizer": ["identity"], "train.temprature": [0.1]}}, "train.temprature: unknown key"),
 ])
 def test_bad_grid_fails_at_submit_and_queues_nothing(tmp_path, capsys, change, message):
     grid = write_grid(tmp_path, **change)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-from anonrisk.anonymize.ray_runner import parse_address, plan_workers
+from anonrisk.anonymize.ray_connect import parse_address, plan_workers
 from anonrisk.anonymize.runner import output_path
 from anonrisk.config.schema import RayConfig, RunConfig
 from anonrisk.data.io import load_image
@@ -196,12 +196,12 @@ def test_png_writer_threads_write_the_same_files_once(tmp_path):
     """run_shard with writer threads beside the anonymizer: same bytes as inline writes, each record once."""
     from anonrisk.anonymize import build_anonymizer
     from anonrisk.anonymize.runner import run_shard
-    from anonrisk.config.schema import AnonymizerSpec
-    from anonrisk.data.datasets import prepare
+    from anonrisk.config.schema import Spec
+    from anonrisk.pipeline import prepare_data as prepare
 
     cfg = run_config(tmp_path / "runs", "resynth")
     _, records = prepare(cfg.data, str(tmp_path / "runs"), progress=False)
-    anonymizer = build_anonymizer(AnonymizerSpec(name="resynth", kind="resynth"))
+    anonymizer = build_anonymizer(Spec(name="resynth", kind="resynth"))
     seen = {0: [], 3: []}
     for threads in seen:
         t = run_shard(anonymizer, records, tmp_path / f"w{threads}", 64, 5, 0, on_write=lambda r, t=threads: seen[t].append(r.id),
@@ -285,7 +285,7 @@ def test_killed_actor_loses_and_duplicates_no_record(ray_driver, tmp_path, recov
     cfg = run_config(tmp_path / "runs", SLOW, batch_size=1, num_workers=2, decode="tasks", **no_restart)
     pipe = Pipeline(cfg)
     spec = pipe.cfg.anonymizers[0]
-    _, stage = pipe.anonymizer_stage(spec)
+    stage = pipe.target(spec).anonymize
     result = {}
     runner = threading.Thread(target=lambda: result.update(stage=pipe.anonymize(spec)))
     runner.start()

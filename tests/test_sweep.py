@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from anonrisk.errors import ConfigError
-from anonrisk.evaluate.sweep import Sweep, load_sweeps, run_sweeps, set_param, sweep_specs
+from anonrisk.launch.sweep import Sweep, load_sweeps, run_sweeps, set_param, sweep_specs
 
 
 def test_set_param_follows_dicts_and_list_indices_and_copies():
@@ -22,11 +22,11 @@ def test_set_param_follows_dicts_and_list_indices_and_copies():
 def test_sweep_points_are_validated_anonymizers(tmp_path):
     specs = sweep_specs([Sweep(name="s", base="controlnet-canny-tiny", param="conditions.0.scale", values=[0.0, 0.5])], None)
     assert [s.name for _, _, s in specs] == ["s=0.0", "s=0.5"] and specs[1][2].params["conditions"][0]["scale"] == 0.5
-    with pytest.raises(ConfigError, match=r"sweeps\[0\] \(b\): sigma=-1.0: sigma must be > 0"):
+    with pytest.raises(ConfigError, match=r"sweeps\[0\] \(b\): sigma=-1.0: anonymizer 'blur': params.sigma: Input should be greater than 0"):
         sweep_specs([Sweep(name="b", base="blur", param="sigma", values=[-1.0])], None)
     bad = tmp_path / "bad.yaml"
     bad.write_text("sweeps:\n  - {name: b, base: blur, param: sigma, valuez: [1]}\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'sweeps.0.valuez'"):
+    with pytest.raises(ConfigError, match=r"sweeps.0.valuez: unknown key; valid keys here: name, base, param, values"):
         load_sweeps(bad)
 
 

@@ -1,13 +1,12 @@
-"""Anonymizers behind one contract (``base.Anonymizer``) and the stage that runs them over a manifest."""
+"""Anonymizers behind one contract (``base.Anonymizer``); importing this package registers the built-in kinds."""
 
-from anonrisk.anonymize import classical  # noqa: F401  (registers the built-in kinds)
-from anonrisk.anonymize import diffusion  # noqa: F401
+from anonrisk.anonymize import camouflage, classical, diffusion  # noqa: F401  (register the built-in kinds)
 from anonrisk.anonymize.base import ANONYMIZERS, Anonymizer, check_batch
 
 
-def build_anonymizer(spec) -> Anonymizer:
-    """An anonymizer from an ``AnonymizerSpec``."""
-    return ANONYMIZERS.build(spec.kind, key=f"anonymizer {spec.name}", **spec.params)
+def build_anonymizer(spec, key: str = "") -> Anonymizer:
+    """An anonymizer from a ``Spec``, its params validated."""
+    return ANONYMIZERS.build(spec.kind, key=key or f"anonymizer {spec.name}", **spec.params)
 
 
 __all__ = ["ANONYMIZERS", "Anonymizer", "build_anonymizer", "check_batch"]

@@ -4,6 +4,9 @@ Images are ``uint8`` arrays of shape ``(N, H, W, 3)`` (RGB). ``seeds[i]`` alone 
 image ``i`` (see ``anonrisk.stages.record_seed``), so a batched call equals one-by-one calls and a sharded
 run equals a single-process run. Heavy anonymizers load their models lazily in ``setup`` so that building
 one (e.g. to fingerprint a config) is cheap; a runner calls ``setup`` once per worker.
+
+Add a kind in one file: a subclass with a pydantic ``Params`` model (validated by the registry; the instance
+gets it as ``self.p``), registered with ``@ANONYMIZERS.register("name")`` (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -13,19 +16,16 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from anonrisk.registry import Registry
+from anonrisk.registry import Kind, Registry
 
-ANONYMIZERS: Registry["Anonymizer"] = Registry("anonymizer")
+ANONYMIZERS: Registry[type["Anonymizer"]] = Registry("anonymizer", group="anonrisk.anonymizers")
 
 
-class Anonymizer(abc.ABC):
+class Anonymizer(Kind, abc.ABC):
     #: bump when the output for the same params changes, so fingerprints (and caches) change with it
     version: ClassVar[int] = 1
     #: the devices it wants: "cpu" or "gpu" (a Ray runner gives "gpu" anonymizers one GPU per actor)
     device_kind: ClassVar[str] = "cpu"
-
-    def __init__(self, **params: Any):
-        self.params = params
 
     def setup(self, device: str = "cpu") -> None:
         """Load models onto ``device``; called once per worker before the first batch."""
@@ -44,7 +44,7 @@ class Anonymizer(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         """What identifies this anonymizer's output (goes into the stage fingerprint)."""
-        return {"class": type(self).__name__, "version": self.version, "params": self.params}
+        return {"class": type(self).__name__, "version": self.version, "params": self.p.model_dump()}
 
 
 def check_batch(images: np.ndarray, seeds: Sequence[int]) -> None:

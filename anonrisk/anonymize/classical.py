@@ -10,9 +10,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from pydantic import Field
 from scipy import ndimage
 
 from anonrisk.anonymize.base import ANONYMIZERS, Anonymizer, check_batch
+from anonrisk.config.validation import Strict
+from anonrisk.evaluate.leakage import edge_map, to_gray
 
 
 @ANONYMIZERS.register("identity")
@@ -38,14 +41,12 @@ class NoiseAnonymizer(Anonymizer):
 class BlurAnonymizer(Anonymizer):
     """Gaussian blur; ``sigma`` is a fraction of the image side so presets mean the same at any size."""
 
-    def __init__(self, sigma: float = 0.06):
-        if sigma <= 0:
-            raise ValueError("sigma must be > 0")
-        super().__init__(sigma=sigma)
+    class Params(Strict):
+        sigma: float = Field(0.06, gt=0)
 
     def __call__(self, images: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
         check_batch(images, seeds)
-        s = self.params["sigma"] * images.shape[1]
+        s = self.p.sigma * images.shape[1]
         out = ndimage.gaussian_filter(images.astype(np.float32), sigma=(0, s, s, 0), mode="nearest")
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
@@ -54,15 +55,13 @@ class BlurAnonymizer(Anonymizer):
 class PixelateAnonymizer(Anonymizer):
     """Averages ``blocks`` x ``blocks`` cells over the image and repeats them back to full size."""
 
-    def __init__(self, blocks: int = 6):
-        if blocks < 1:
-            raise ValueError("blocks must be >= 1")
-        super().__init__(blocks=blocks)
+    class Params(Strict):
+        blocks: int = Field(6, ge=1)
 
     def __call__(self, images: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
         check_batch(images, seeds)
         n, h, w, c = images.shape
-        b = self.params["blocks"]
+        b = self.p.blocks
         ys = np.minimum(np.arange(h) * b // h, b - 1)
         xs = np.minimum(np.arange(w) * b // w, b - 1)
         cell = ys[:, None] * b + xs[None, :]  # (h, w) cell index of every pixel
@@ -80,29 +79,20 @@ class PixelateAnonymizer(Anonymizer):
 class MaskAnonymizer(Anonymizer):
     """Fills an ellipse over the face region (aligned crops) with a flat colour."""
 
-    def __init__(self, center: Sequence[float] = (0.5, 0.5), radii: Sequence[float] = (0.32, 0.4), value: int = 0):
-        super().__init__(center=list(center), radii=list(radii), value=value)
+    class Params(Strict):
+        center: tuple[float, float] = (0.5, 0.5)  # fractions of the width and height
+        radii: tuple[float, float] = (0.32, 0.4)
+        value: int = Field(0, ge=0, le=255)
 
     def __call__(self, images: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
         check_batch(images, seeds)
         _, h, w, _ = images.shape
-        (cx, cy), (rx, ry) = self.params["center"], self.params["radii"]
+        (cx, cy), (rx, ry) = self.p.center, self.p.radii
         yy, xx = np.mgrid[0:h, 0:w]
         inside = ((xx + 0.5) / w - cx) ** 2 / rx**2 + ((yy + 0.5) / h - cy) ** 2 / ry**2 <= 1.0
         out = images.copy()
-        out[:, inside] = self.params["value"]
+        out[:, inside] = self.p.value
         return out
-
-
-def edge_map(gray: np.ndarray, sigma: float = 1.0) -> np.ndarray:
-    """Boolean Canny edges of a float image in [0, 1] (the same detector the leakage metrics use)."""
-    from skimage.feature import canny
-
-    return canny(gray, sigma=sigma)
-
-
-def to_gray(image: np.ndarray) -> np.ndarray:
-    return (image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) / 255.0
 
 
 @ANONYMIZERS.register("resynth")
@@ -112,15 +102,18 @@ class StructureResynthesis(Anonymizer):
     generator keeps), then new lighting and fine texture are added and the edges drawn in a random ink.
     ``edge_sigma`` sets how much structure survives (larger = only coarse edges)."""
 
-    def __init__(self, edge_sigma: float = 1.0, texture: float = 10.0, shading: float = 0.3, draw_edges: bool = True):
-        super().__init__(edge_sigma=edge_sigma, texture=texture, shading=shading, draw_edges=draw_edges)
+    class Params(Strict):
+        edge_sigma: float = Field(1.0, gt=0)
+        texture: float = Field(10.0, ge=0)
+        shading: float = Field(0.3, ge=0)
+        draw_edges: bool = True
 
     def _one(self, image: np.ndarray, seed: int) -> np.ndarray:
-        p = self.params
+        p = self.p
         rng = np.random.default_rng(seed)
         h, w, _ = image.shape
         gray = to_gray(image)
-        edges = edge_map(gray, p["edge_sigma"])
+        edges = edge_map(gray, p.edge_sigma)
         regions, n = ndimage.label(~edges)
         lum = np.concatenate([[0.5], ndimage.mean(gray, regions, index=np.arange(1, n + 1))]) if n else np.full(1, 0.5)
         # a random ramp of three colours: dark, middle and bright tones of a new "style"
@@ -129,8 +122,8 @@ class StructureResynthesis(Anonymizer):
         out = ramp[regions]
         coarse = rng.normal(size=(4, 4, 1))
         shade = ndimage.zoom(coarse, (h / 4, w / 4, 1), order=1)[:h, :w]
-        out = out * (1.0 + p["shading"] * np.tanh(shade)) + rng.normal(0, p["texture"], size=out.shape)
-        if p["draw_edges"]:
+        out = out * (1.0 + p.shading * np.tanh(shade)) + rng.normal(0, p.texture, size=out.shape)
+        if p.draw_edges:
             out[edges] = rng.uniform(0, 80, size=3)
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 

@@ -3,7 +3,8 @@
 Work is cut into shards of ``shard_size`` records (sorted by id). A shard is finished when its marker
 ``shards/<k>.json`` exists; inside a shard, a record is finished when its PNG exists (PNGs are written
 atomically). A killed run therefore resumes at record granularity, and a rerun of a finished stage is free.
-``run_shard`` is the unit of work that the local runner and the Ray runner share.
+Both runners (this module's local one, ``ray_runner``) take one ``AnonymizeJob``, begin the stage with
+``start_stage``, run ``run_shard`` per shard and end with ``finish_stage``.
 """
 
 from __future__ import annotations
@@ -11,16 +12,30 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from anonrisk.anonymize.base import Anonymizer
-from anonrisk.config.schema import AnonymizeConfig, AnonymizerSpec
+from anonrisk.config.schema import AnonymizeConfig, Spec
 from anonrisk.data.io import load_batch, save_image
 from anonrisk.data.records import FaceRecord, write_manifest
-from anonrisk.stages import StageDir, fingerprint, read_json, record_seed, write_json
+from anonrisk.stages import StageDir, read_json, record_seed, write_json
+
+
+@dataclass
+class AnonymizeJob:
+    """What a runner gets: one planned anonymize stage and everything it needs."""
+
+    spec: Spec
+    anonymizer: Anonymizer
+    records: Sequence[FaceRecord]
+    stage: StageDir
+    image_size: int
+    cfg: AnonymizeConfig
+    progress: bool = True
 
 
 def output_path(out_dir: Path, record: FaceRecord) -> Path:
@@ -37,14 +52,12 @@ def shard_records(records: Sequence[FaceRecord], shard_size: int) -> list[list[F
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
-def anonymize_fingerprint(anonymizer: Anonymizer, image_size: int, cfg: AnonymizeConfig) -> str:
-    # runner, batch size, shard size and device do not change the output (per-record seeds), so they
-    # stay out of the fingerprint: a Ray run and a local run share their results.
-    return fingerprint("anonymize", anonymizer.describe(), image_size, cfg.seed)
-
-
-def anonymize_stage(runs_dir: str, data_fp: str, anonymizer: Anonymizer, image_size: int, cfg: AnonymizeConfig) -> StageDir:
-    return StageDir(runs_dir, "anonymize", data_fp, anonymize_fingerprint(anonymizer, image_size, cfg))
+def start_stage(job: AnonymizeJob) -> tuple[list[list[FaceRecord]], list[int]]:
+    """Record what makes the stage (``config.json``) and cut the shards: (shards, the unfinished ones)."""
+    job.stage.begin({"anonymizer": job.spec.model_dump(), "describe": job.anonymizer.describe(), "image_size": job.image_size,
+                     "seed": job.cfg.seed})
+    shards = shard_records(job.records, job.cfg.shard_size)
+    return shards, [k for k in range(len(shards)) if not shard_marker(job.stage.path, k).exists()]
 
 
 def run_shard(
@@ -118,35 +131,29 @@ def finish_stage(stage: StageDir, records: Sequence[FaceRecord], summary: dict) 
     stage.mark_done({**summary, "runtime": runtimes})
 
 
-def anonymize_local(
-    spec: AnonymizerSpec,
-    anonymizer: Anonymizer,
-    records: Sequence[FaceRecord],
-    stage: StageDir,
-    image_size: int,
-    cfg: AnonymizeConfig,
-    device: str,
-    progress: bool = True,
-) -> StageDir:
+def anonymize_local(job: AnonymizeJob) -> StageDir:
     """Single-process runner: shards in order, skipping finished ones."""
     from tqdm import tqdm
 
+    from anonrisk.devices import resolve_device
+
+    stage, cfg = job.stage, job.cfg
     if stage.is_done():
         return stage
-    stage.begin({"anonymizer": spec.model_dump(), "describe": anonymizer.describe(), "image_size": image_size, "seed": cfg.seed})
-    shards = shard_records(records, cfg.shard_size)
-    pending = [(k, s) for k, s in enumerate(shards) if not shard_marker(stage.path, k).exists()]
+    device = resolve_device(cfg.device)
+    shards, pending = start_stage(job)
     t0 = time.perf_counter()
     timings = []
     if pending:
-        anonymizer.setup(device)
-        with tqdm(total=sum(len(s) for _, s in pending), desc=f"anonymize {spec.name}", disable=None if progress else True, leave=False) as bar:
-            for k, shard in pending:
-                t = run_shard(anonymizer, shard, stage.path, image_size, cfg.batch_size, cfg.seed, bar.update,
+        job.anonymizer.setup(device)
+        with tqdm(total=sum(len(shards[k]) for k in pending), desc=f"anonymize {job.spec.name}", disable=None if job.progress else True,
+                  leave=False) as bar:
+            for k in pending:
+                t = run_shard(job.anonymizer, shards[k], stage.path, job.image_size, cfg.batch_size, cfg.seed, bar.update,
                               write_threads=cfg.write_threads)
-                write_json(shard_marker(stage.path, k), {"ids": [r.id for r in shard], **t})
+                write_json(shard_marker(stage.path, k), {"ids": [r.id for r in shards[k]], **t})
                 timings.append(t)
     computed = sum(t["computed"] for t in timings)
-    summary = {"records": len(records), "computed": computed, "shards": len(shards), "seconds": time.perf_counter() - t0, "runner": "local"}
-    finish_stage(stage, records, summary)
+    summary = {"records": len(job.records), "computed": computed, "shards": len(shards), "seconds": time.perf_counter() - t0, "runner": "local"}
+    finish_stage(stage, job.records, summary)
     return stage

@@ -59,13 +59,13 @@ class IdentitySampler:
     def __init__(self, identity: np.ndarray, batch_size: int, seed: int, per_identity: int = 1):
         self.members = [np.flatnonzero(identity == i) for i in range(int(identity.max()) + 1)]
         if batch_size % per_identity:
-            raise ConfigError(f"attack.batch_size={batch_size} is not divisible by attack.per_identity={per_identity}")
+            raise ConfigError(f"train.batch_size={batch_size} is not divisible by train.per_identity={per_identity}")
         n_ids = batch_size // per_identity
         if n_ids > len(self.members):
             raise ConfigError(
-                f"attack.batch_size={batch_size} needs {n_ids} distinct identities per batch "
+                f"train.batch_size={batch_size} needs {n_ids} distinct identities per batch "
                 f"(per_identity={per_identity}) but training has {len(self.members)}: lower the batch size, "
-                "raise attack.per_identity, or use more identities"
+                "raise train.per_identity, or use more identities"
             )
         self.n_ids, self.per_identity, self.seed = n_ids, per_identity, seed
 

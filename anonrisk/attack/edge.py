@@ -13,22 +13,33 @@ Both are matrix products over flattened maps, so a gallery of thousands costs se
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from anonrisk.attack.suite import ATTACKS, Attack
-from anonrisk.errors import ConfigError
-from anonrisk.stages import fingerprint
+from anonrisk.attack.base import ATTACKS, Attack
+from anonrisk.config.validation import Strict
 
-DEFAULTS = {"edges": "canny", "sigma": 1.0, "smooth": 1.5, "score": "ncc"}
+
+class EdgeParams(Strict):
+    edges: Literal["canny", "sobel"] = "canny"
+    sigma: float = Field(1.0, gt=0)  # of the edge detector's Gaussian
+    smooth: float = Field(1.5, ge=0)  # ncc: Gaussian smoothing of the maps before correlating
+    score: Literal["ncc", "chamfer"] = "ncc"
+
+    @model_validator(mode="after")
+    def _chamfer_needs_binary_edges(self):
+        if self.score == "chamfer" and self.edges != "canny":
+            raise ValueError("score=chamfer needs binary edges (edges=canny)")
+        return self
 
 
 def edge_maps(images: np.ndarray, edges: str = "canny", sigma: float = 1.0) -> np.ndarray:
     """(N,H,W,3) uint8 -> (N,H,W) float32 edge maps: Canny as 0/1, Sobel magnitude scaled to unit mean."""
     from scipy import ndimage
 
-    from anonrisk.anonymize.classical import edge_map, to_gray
+    from anonrisk.evaluate.leakage import edge_map, to_gray
 
     out = np.empty(images.shape[:3], np.float32)
     for i, im in enumerate(images):
@@ -71,40 +82,17 @@ def chamfer_similarity(probe_maps: np.ndarray, gallery_maps: np.ndarray) -> np.n
 
 @ATTACKS.register("edge")
 class EdgeMatchAttack(Attack):
+    Params = EdgeParams
     threat = "no access to the anonymizer, no training: edge maps of probe and reference compared directly"
 
-    def settings(self) -> dict:
-        unknown = sorted(set(self.spec.params) - set(DEFAULTS))
-        if unknown:
-            raise ConfigError(f"{self.key}.params: unknown key(s) {', '.join(unknown)}; valid: {', '.join(DEFAULTS)}")
-        s = {**DEFAULTS, **self.spec.params}
-        if s["edges"] not in ("canny", "sobel"):
-            raise ConfigError(f"{self.key}.params.edges: {s['edges']!r} is not allowed; expected 'canny' or 'sobel'")
-        if s["score"] not in ("ncc", "chamfer"):
-            raise ConfigError(f"{self.key}.params.score: {s['score']!r} is not allowed; expected 'ncc' or 'chamfer'")
-        if s["score"] == "chamfer" and s["edges"] != "canny":
-            raise ConfigError(f"{self.key}.params: score=chamfer needs binary edges (edges=canny)")
-        if not float(s["sigma"]) > 0 or float(s["smooth"]) < 0:
-            raise ConfigError(f"{self.key}.params: sigma must be > 0 and smooth >= 0")
-        return s
-
-    def validate(self, pipe):
-        self.settings()
-
-    def fingerprint(self, pipe, target):
-        _, anon_stage = pipe.anonymizer_stage(target)
-        return fingerprint("attack", type(self).__name__, self.version, self.settings(), pipe.data_fp, anon_stage.fingerprint)
-
-    def similarity(self, pipe, target, probes: Sequence, gallery: Sequence):
+    def similarity(self, ctx, probes: Sequence, gallery: Sequence):
         import torch
 
         from anonrisk.data.io import load_batch
 
-        s = self.settings()
-        size = pipe.cfg.data.image_size
-        pm = edge_maps(load_batch([r.path for r in probes], size), s["edges"], float(s["sigma"]))
-        gm = edge_maps(load_batch([r.path for r in gallery], size), s["edges"], float(s["sigma"]))
-        if s["score"] == "chamfer":
+        p = self.p
+        pm = edge_maps(load_batch([r.path for r in probes], ctx.image_size), p.edges, p.sigma)
+        gm = edge_maps(load_batch([r.path for r in gallery], ctx.image_size), p.edges, p.sigma)
+        if p.score == "chamfer":
             return torch.from_numpy(chamfer_similarity(pm, gm)).float()
-        smooth = float(s["smooth"])
-        return torch.from_numpy(ncc_features(pm, smooth) @ ncc_features(gm, smooth).T).float()
+        return torch.from_numpy(ncc_features(pm, p.smooth) @ ncc_features(gm, p.smooth).T).float()

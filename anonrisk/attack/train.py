@@ -23,11 +23,12 @@ import torch
 
 from anonrisk.attack.data import IdentitySampler, PairSource, apply_augment, augment_params
 from anonrisk.attack.model import Encoder
-from anonrisk.config.schema import AttackConfig
+from anonrisk.config.schema import TrainConfig
 from anonrisk.data.records import FaceRecord
 from anonrisk.errors import AnonriskError
-from anonrisk.stages import StageDir, fingerprint, write_json
+from anonrisk.stages import StageDir, write_json
 
+# bump when the trained encoder for the same settings changes (it enters the train fingerprint: anonrisk.plan)
 TRAIN_VERSION = 2  # 2: one forward over [anonymized; originals], engines, per-(seed, step, rank) torch seed
 
 
@@ -35,12 +36,7 @@ class Preempted(AnonriskError):
     """Training stopped on a signal after writing a checkpoint; rerun to resume."""
 
 
-def train_fingerprint(cfg: AttackConfig, data_fp: str, anon_fp: str, image_size: int) -> str:
-    d = cfg.model_dump(exclude={"device", "checkpoint_every"})
-    return fingerprint("train", TRAIN_VERSION, d, data_fp, anon_fp, image_size)
-
-
-def lr_at(step: int, cfg: AttackConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig) -> float:
     warmup = max(1, cfg.steps // 20)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -95,7 +91,7 @@ def _mean_over_ranks(x: torch.Tensor) -> float:
 
 
 def train_attack(
-    cfg: AttackConfig,
+    cfg: TrainConfig,
     anonymized: Sequence[FaceRecord],
     originals: Sequence[FaceRecord],
     image_size: int,
@@ -119,7 +115,7 @@ def train_attack(
     rank, per_rank = engine.rank, plan.per_rank_batch
     main = rank == 0
     if main:
-        stage.begin({"attack": cfg.model_dump(), "image_size": image_size})
+        stage.begin({"train": cfg.model_dump(), "image_size": image_size})
         if plan.ds_config:
             write_json(stage / "deepspeed_config.json", plan.ds_config)  # the config DeepSpeed really got
     barrier()
@@ -179,7 +175,7 @@ def train_attack(
     return weights
 
 
-def load_encoder(cfg: AttackConfig, weights: str | Path, device: str = "cpu") -> Encoder:
+def load_encoder(cfg: TrainConfig, weights: str | Path, device: str = "cpu") -> Encoder:
     from safetensors.torch import load_file
 
     model = Encoder(cfg.backbone, cfg.embed_dim, input=cfg.input)

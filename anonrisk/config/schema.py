@@ -4,17 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SyntheticConfig(Strict):
-    identities: int = Field(150, ge=2, le=1_000_000)
-    images_per_identity: int = Field(10, ge=2, le=10_000)
-    seed: int = 0
+from anonrisk.config.validation import Strict, repeated
 
 
 class SplitConfig(Strict):
@@ -28,18 +20,28 @@ class SplitConfig(Strict):
 
 
 class DataConfig(Strict):
-    dataset: Literal["synthetic", "celeba", "lfw", "folder"] = "synthetic"
+    """``dataset`` is a registered dataset kind (synthetic, celeba, lfw, folder, or a plugin's); its own
+    settings go in a section named after it (``synthetic: {identities: 150}``), checked by the kind's Params
+    when the plan is built."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)  # the extra sections: kinds' settings
+
+    dataset: str = "synthetic"
     root: Optional[str] = None
     image_size: int = Field(64, ge=16, le=2048)
-    synthetic: SyntheticConfig = SyntheticConfig()
     split: SplitConfig = SplitConfig()
     min_images_per_identity: int = Field(2, ge=2)
     max_identities: Optional[int] = Field(None, ge=2)
     on_bad_image: Literal["fail", "quarantine"] = "fail"
 
+    def kind_settings(self) -> dict[str, Any]:
+        """The sections of dataset settings: kind -> its raw settings."""
+        return dict(self.model_extra or {})
 
-class AnonymizerSpec(Strict):
-    """One anonymizer: ``kind`` is a registered anonymizer, ``name`` labels it in results."""
+
+class Spec(Strict):
+    """One anonymizer or attack: ``kind`` is a registered kind, ``name`` labels it in results, ``params``
+    are the kind's settings (checked by the kind's Params when the plan is built)."""
 
     name: str
     kind: str
@@ -70,15 +72,6 @@ class RayConfig(Strict):
     temp_dir: Optional[str] = None
 
 
-class AttackSpec(Strict):
-    """One attack of the suite: ``kind`` is a registered attack (contrastive, surrogate, edge, edge-encoder,
-    recognizer), ``name`` labels it in results, ``params`` are the kind's settings (see docs/attacks.md)."""
-
-    name: str
-    kind: str
-    params: dict[str, Any] = {}
-
-
 class AnonymizeConfig(Strict):
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(256, ge=1)
@@ -89,7 +82,9 @@ class AnonymizeConfig(Strict):
     ray: RayConfig = RayConfig()
 
 
-class AttackConfig(Strict):
+class TrainConfig(Strict):
+    """How a trained attack's encoder is trained (``train:``); an attack's ``params`` override any key."""
+
     backbone: str = "resnet18"
     pretrained: Optional[str] = None  # local weights file (.safetensors or .pt); never a download
     embed_dim: int = Field(128, ge=8)
@@ -109,7 +104,6 @@ class AttackConfig(Strict):
     engine: Literal["torch", "deepspeed"] = "torch"
     device: str = "auto"
     seed: int = 0
-    extra: dict[str, Any] = {}  # engine-specific settings
     # training engine (issue 4; docs/training.md)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
@@ -162,15 +156,14 @@ class TrackingConfig(Strict):
 
 class RunConfig(Strict):
     name: str = "run"
-    seed: int = 0
     runs_dir: str = "runs"
     results_dir: str = "results"
     data: DataConfig = DataConfig()
-    anonymizers: list[Union[str, AnonymizerSpec]] = ["identity"]
+    anonymizers: list[Union[str, Spec]] = ["identity"]  # a bare name: a preset file or a kind (the loader resolves it)
     anonymize: AnonymizeConfig = AnonymizeConfig()
-    attack: AttackConfig = AttackConfig()
+    train: TrainConfig = TrainConfig()  # the trained attacks' training settings
     # the threat models run against every anonymizer; a bare name is an attack kind with default settings
-    attacks: list[Union[str, AttackSpec]] = Field(["contrastive"], validate_default=True)  # bare names become specs
+    attacks: list[Union[str, Spec]] = Field(["contrastive"], validate_default=True)  # bare names become specs
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     progress: bool = True
@@ -187,9 +180,11 @@ class RunConfig(Strict):
     def _attacks(cls, v: list) -> list:
         if not v:
             raise ValueError("at least one attack is needed")
-        specs = [AttackSpec(name=a, kind=a) if isinstance(a, str) else a for a in v]
-        names = [s.name for s in specs]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        specs = [Spec(name=a, kind=a) if isinstance(a, str) else a for a in v]
+        dupes = repeated([s.name for s in specs])
         if dupes:
             raise ValueError(f"attack names must be unique, repeated: {', '.join(dupes)}")
         return specs
+
+
+AttackConfig = TrainConfig  # its old name (``attack:``)

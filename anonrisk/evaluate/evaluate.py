@@ -1,6 +1,7 @@
 """The evaluate stages. Per (anonymizer, attack): the attack's probes x gallery similarity scored for every
 protocol x mode (``metrics.json``). Per anonymizer: the ``quality`` stage, structure leakage and utility of
-the anonymized test images against their originals, whatever the attack."""
+the anonymized test images against their originals, whatever the attack. Their directories come from the
+plan (``anonrisk.plan``), whose fingerprints use the versions below."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ import torch
 from anonrisk.config.schema import EvaluateConfig
 from anonrisk.data.io import load_image
 from anonrisk.data.records import FaceRecord
-from anonrisk.evaluate.embed import embed_records, identity_indices
 from anonrisk.evaluate.leakage import leakage_summary
 from anonrisk.evaluate.metrics import summarize
 from anonrisk.evaluate.protocols import PROTOCOL_VERSION, score_protocol
-from anonrisk.stages import StageDir, fingerprint, read_json, write_json
+from anonrisk.stages import StageDir, read_json, write_json
 
 EVAL_VERSION = 2  # 2: leakage and utility moved to the quality stage
 QUALITY_VERSION = 1
@@ -24,12 +24,10 @@ QUALITY_VERSION = 1
 QUALITY_KEYS = ("leakage", "leakage_tolerance", "utility")
 
 
-def eval_fingerprint(cfg: EvaluateConfig, upstream: str) -> str:
-    return fingerprint("evaluate", EVAL_VERSION, PROTOCOL_VERSION, cfg.model_dump(exclude=set(QUALITY_KEYS)), upstream)
-
-
-def quality_fingerprint(cfg: EvaluateConfig, data_fp: str, anon_fp: str, image_size: int) -> str:
-    return fingerprint("quality", QUALITY_VERSION, cfg.model_dump(include=set(QUALITY_KEYS)), data_fp, anon_fp, image_size)
+def identity_indices(records: Sequence[FaceRecord]) -> tuple[np.ndarray, list[str]]:
+    names = sorted({r.identity for r in records})
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[r.identity] for r in records]), names
 
 
 def probes_and_gallery(anonymized: Sequence[FaceRecord], originals: Sequence[FaceRecord]) -> tuple[list[FaceRecord], list[FaceRecord]]:
@@ -86,22 +84,3 @@ def score_similarity(sim: torch.Tensor, probes: Sequence[FaceRecord], gallery: S
             res = score_protocol(sim, p_ident, p_src, g_ident, protocol, mode, cfg.few_ref_k, cfg.pool_size, cfg.score, cfg.seed)
             out[f"{protocol}/{mode}"] = summarize(res, cfg.bootstrap, cfg.seed)
     return out
-
-
-def evaluate_attack(
-    model,
-    anonymized: Sequence[FaceRecord],
-    originals: Sequence[FaceRecord],
-    image_size: int,
-    cfg: EvaluateConfig,
-    stage: StageDir,
-    device: str = "cpu",
-) -> dict:
-    """The contrastive encoder's evaluate stage (cosine of embeddings)."""
-    probes, gallery = probes_and_gallery(anonymized, originals)
-    model.eval()
-
-    def sim(p, g):
-        return embed_records(model, p, image_size, device) @ embed_records(model, g, image_size, device).t()
-
-    return evaluate_similarity(sim, probes, gallery, cfg, stage, {"evaluate": cfg.model_dump(exclude=set(QUALITY_KEYS))})

@@ -6,7 +6,17 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from anonrisk.anonymize.classical import edge_map, to_gray
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    return (image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) / 255.0
+
+
+def edge_map(gray: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Boolean Canny edges of a float image in [0, 1]: the detector of the leakage metrics, which the
+    resynthesis anonymizer and the edge attack use too."""
+    from skimage.feature import canny
+
+    return canny(gray, sigma=sigma)
 
 
 def edge_scores(original: np.ndarray, anonymized: np.ndarray, tolerance: int = 2, sigma: float = 1.0) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Off-the-shelf face recognizers behind one interface, and the ``recognizer`` attack that uses them.
+"""Off-the-shelf face recognizers behind one interface (the ``recognizer`` attack, ``attack/recognizer.py``,
+uses them).
 
 ``Recognizer.embed(images)`` maps uint8 (N,H,W,3) images to (N,D) descriptors; ``similarity`` compares two
 sets. Built in, all offline:
@@ -19,14 +20,12 @@ from __future__ import annotations
 import abc
 import importlib.util
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
-from anonrisk.attack.suite import ATTACKS, Attack
 from anonrisk.errors import ConfigError, Unavailable
 from anonrisk.registry import Registry
-from anonrisk.stages import StageDir, fingerprint
 
 RECOGNIZERS: Registry[type["Recognizer"]] = Registry("recognizer")
 
@@ -230,48 +229,3 @@ def build_recognizer(params: dict, key: str = "recognizer") -> Recognizer:
         return cls(key, **params)
     except TypeError as exc:
         raise ConfigError(f"{key}.params: bad parameters for recognizer {model!r}: {exc}") from None
-
-
-@ATTACKS.register("recognizer")
-class RecognizerAttack(Attack):
-    threat = "an off-the-shelf face recognizer, no access to the anonymizer, no training"
-
-    def recognizer(self) -> Recognizer:
-        if not hasattr(self, "_rec"):
-            self._rec = build_recognizer(self.spec.params, self.key)
-        return self._rec
-
-    def validate(self, pipe):
-        self.recognizer().check()
-
-    def fingerprint(self, pipe, target):
-        _, anon_stage = pipe.anonymizer_stage(target)
-        desc = self.recognizer().describe()
-        return fingerprint("attack", type(self).__name__, self.version, desc, pipe.data_fp, anon_stage.fingerprint)
-
-    def gallery_embeddings(self, pipe, gallery: Sequence) -> np.ndarray:
-        """Originals are embedded once per recognizer and dataset and reused for every anonymizer."""
-        from anonrisk.data.io import load_batch
-        from anonrisk.stages import write_json
-
-        rec = self.recognizer()
-        desc = rec.describe()
-        stage = StageDir(pipe.cfg.runs_dir, "embed", fingerprint("embed", desc, pipe.data_fp, pipe.cfg.data.image_size, [r.id for r in gallery]))
-        if stage.is_done():
-            return np.load(stage / "gallery.npy")
-        stage.begin({"recognizer": desc, "records": len(gallery)})
-        emb = rec.embed(load_batch([r.path for r in gallery], pipe.cfg.data.image_size))
-        np.save(stage / "gallery.npy", emb)
-        write_json(stage / "ids.json", [r.id for r in gallery])
-        stage.mark_done({"records": len(gallery)})
-        return emb
-
-    def similarity(self, pipe, target, probes, gallery):
-        import torch
-
-        from anonrisk.data.io import load_batch
-
-        rec = self.recognizer()
-        rec.check()
-        p = rec.embed(load_batch([r.path for r in probes], pipe.cfg.data.image_size))
-        return torch.from_numpy(rec.similarity(p, self.gallery_embeddings(pipe, gallery))).float()

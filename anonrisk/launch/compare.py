@@ -18,6 +18,11 @@ from anonrisk.tracking.mlflow_log import result_metrics
 DEFAULT_METRIC = "worst.full-ref.exclude-source.top1"  # the strongest attack of each report card
 
 
+def trainer(config: dict[str, Any]) -> dict[str, Any]:
+    """The training settings of a results document's config (``attack`` in results written before ``train``)."""
+    return config.get("train") or config.get("attack") or {}
+
+
 def rows_from_json(path: str | Path) -> list[dict[str, Any]]:
     """A grid's or a run's ``metrics.json`` (or the folder holding it)."""
     p = Path(path)
@@ -34,7 +39,7 @@ def rows_from_json(path: str | Path) -> list[dict[str, Any]]:
     elif schema == "anonrisk.results":
         for name, result in doc["results"].items():
             rows.append({"source": doc["run"], "cell": f"anonymizer={name}", "anonymizer": name,
-                         "backbone": doc["config"]["attack"]["backbone"], **result_metrics(result)})
+                         "backbone": trainer(doc["config"])["backbone"], **result_metrics(result)})
     else:
         raise ConfigError(f"compare: {p} is not an anonrisk results file (schema {schema!r})")
     return rows

@@ -8,72 +8,26 @@
 
 A node whose stage directory is DONE is never submitted; on Slurm neither is a node whose job is still
 queued or running, so submitting a grid twice submits nothing the second time. Job ids live in
-``<runs_dir>/grids/<grid>/jobs.json`` (read by ``status``); submitit's logs beside them.
+``<runs_dir>/grids/<grid>/jobs.json`` (read by ``status.py``); submitit's logs beside them. Either way the
+summary names the jobs submitted per stage.
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
 import logging
 import os
 import shutil
-import subprocess
 import time
 from typing import Any, Optional
 
 from anonrisk.errors import AnonriskError, ConfigError
 from anonrisk.launch.grid import STAGES, GridPlan, Node
+from anonrisk.launch.slurm import in_queue, queued_jobs
 from anonrisk.stages import read_json, write_json
 
 log = logging.getLogger("anonrisk")
 EXECUTORS = ("slurm", "local", "debug")
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD", "REQUEUE_FED"}
-
-
-# ---- what Slurm still holds ----------------------------------------------------------------------------
-def _task_ids(spec: str) -> set[int]:
-    """``[0-3,7%2]`` -> {0, 1, 2, 3, 7}."""
-    out: set[int] = set()
-    for part in spec.strip("[]").split("%")[0].split(","):
-        if "-" in part:
-            a, b = part.split("-")
-            out.update(range(int(a), int(b) + 1))
-        elif part:
-            out.add(int(part))
-    return out
-
-
-def queued_jobs() -> set[str]:
-    """Job ids ("123", "124_5") of this user's jobs that Slurm still holds (pending, running, requeued)."""
-    if not shutil.which("squeue"):
-        return set()
-    proc = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i"], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise AnonriskError(f"squeue failed (is Slurm reachable?): {proc.stderr.strip()}")
-    out: set[str] = set()
-    for line in proc.stdout.split():
-        base, _, task = line.partition("_")
-        if task.startswith("["):
-            out.update(f"{base}_{t}" for t in _task_ids(task))
-        out.add(line if task and not task.startswith("[") else base)
-    return out
-
-
-def _in_queue(job_id: Optional[str], queued: set[str]) -> bool:
-    return bool(job_id) and job_id in queued
-
-
-def sacct_states(job_ids: list[str]) -> dict[str, str]:
-    if not job_ids or not shutil.which("sacct"):
-        return {}
-    proc = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))],
-                          capture_output=True, text=True, timeout=60)
-    states = {}
-    for line in proc.stdout.splitlines():
-        jid, _, state = line.partition("|")
-        states[jid] = state.split()[0] if state else ""
-    return states
 
 
 # ---- submission ----------------------------------------------------------------------------------------
@@ -117,7 +71,7 @@ def _submit_nodes(plan: GridPlan, kind: str, stage: str, nodes: list[Node], depe
         ex = _executor(plan, kind, stage, dependency)
         cfgs = [plan.cell(n.cell).config.model_dump(mode="json") for n in chunk]
         jobs += ex.map_array(StageJob(), [stage] * len(chunk), cfgs, [str(plan.grid_dir)] * len(chunk),
-                             [n.cell for n in chunk], [n.cells for n in chunk])
+                             [n.cell for n in chunk], [n.cells for n in chunk], [n.attack for n in chunk])
     return jobs
 
 
@@ -138,9 +92,9 @@ def submit(plan: GridPlan, kind: str, overrides: dict[str, Any], wait: bool = Fa
     state_path = plan.grid_dir / "jobs.json"
     state = read_json(state_path) if state_path.exists() else {"nodes": {}, "collect": None}
     queued = queued_jobs() if kind == "slurm" else set()
-    todo = {s: [n for n in plan.stage_nodes(s) if not plan.is_done(n) and not _in_queue(state["nodes"].get(n.key, {}).get("job_id"), queued)]
+    todo = {s: [n for n in plan.stage_nodes(s) if not plan.is_done(n) and not in_queue(state["nodes"].get(n.key, {}).get("job_id"), queued)]
             for s in STAGES}
-    collect_queued = kind == "slurm" and _in_queue((state.get("collect") or {}).get("job_id"), queued)
+    collect_queued = kind == "slurm" and in_queue((state.get("collect") or {}).get("job_id"), queued)
     need_collect = (any(todo.values()) or not results_current(plan)) and not collect_queued
     summary: dict[str, Any] = {"grid": plan.spec.name, "executor": kind, "submitted": {}, "cells": len(plan.cells),
                                "nodes": {s: len(plan.stage_nodes(s)) for s in STAGES}}
@@ -188,7 +142,7 @@ def _submit_slurm(plan, todo, state, queued, overrides, need_collect, summary) -
     max_array = slurm_max_array_size(plan.profile)
     live: dict[str, str] = {}  # node key -> job id that is queued (from before) or submitted now
     for key, rec in state["nodes"].items():
-        if _in_queue(rec.get("job_id"), queued):
+        if in_queue(rec.get("job_id"), queued):
             live[key] = rec["job_id"]
     with _job_env_hidden():  # a driver inside a Slurm job must not pass its allocation on
         for stage in STAGES:
@@ -229,7 +183,7 @@ def _run_in_order(plan, kind, todo, state, overrides, summary) -> None:
                     job.result()
                 except Exception as exc:  # noqa: BLE001 - reported with the cells it concerns
                     failed.append(f"{stage} of {', '.join(n.cells)}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}")
-        summary["submitted"][stage] = [str(len(nodes))]
+        summary["submitted"][stage] = [str(state["nodes"][n.key]["job_id"]) for n in nodes]
         if failed:
             raise AnonriskError(f"grid {plan.spec.name}: {len(failed)} {stage} job(s) failed (logs under {plan.grid_dir}/submitit):\n  "
                                 + "\n  ".join(failed))
@@ -241,52 +195,7 @@ def wait_for(state: dict[str, Any], summary: dict[str, Any], poll_s: float = 5.0
     ids = {rec["job_id"] for rec in state["nodes"].values()} | ({state["collect"]["job_id"]} if state.get("collect") else set())
     t0 = time.time()
     while time.time() - t0 < timeout_s:
-        if not any(_in_queue(j, queued_jobs()) for j in ids):
+        if not any(in_queue(j, queued_jobs()) for j in ids):
             return
         time.sleep(poll_s)
     raise AnonriskError(f"grid {summary['grid']}: still queued after {timeout_s:.0f} s")
-
-
-# ---- status ----------------------------------------------------------------------------------------------
-def status(plan: GridPlan) -> dict[str, Any]:
-    """Per stage: how many nodes are done, queued/running (Slurm), failed, or not submitted yet."""
-    state_path = plan.grid_dir / "jobs.json"
-    state = read_json(state_path) if state_path.exists() else {"nodes": {}, "collect": None}
-    on_slurm = state.get("executor") == "slurm"
-    queued = queued_jobs() if on_slurm else set()
-    recorded = [rec["job_id"] for rec in state["nodes"].values()]
-    finals = sacct_states(recorded + ([state["collect"]["job_id"]] if state.get("collect") else [])) if on_slurm else {}
-    rows: dict[str, dict[str, int]] = {}
-    problems = []
-    for stage in STAGES:
-        counts = {"total": 0, "done": 0, "queued": 0, "failed": 0, "not submitted": 0}
-        for n in plan.stage_nodes(stage):
-            counts["total"] += 1
-            job = state["nodes"].get(n.key, {}).get("job_id")
-            if plan.is_done(n):
-                counts["done"] += 1
-            elif _in_queue(job, queued):
-                counts["queued"] += 1
-            elif job:
-                counts["failed"] += 1
-                problems.append(f"{stage} {', '.join(n.cells)}: job {job} {finals.get(job, finals.get(job.split('_')[0], 'ended'))}, "
-                                f"log {plan.grid_dir}/submitit/{job}_0_log.err")
-            else:
-                counts["not submitted"] += 1
-        rows[stage] = counts
-    collect_job = (state.get("collect") or {}).get("job_id")
-    return {"grid": plan.spec.name, "stages": rows, "problems": problems, "results_current": results_current(plan),
-            "results_dir": str(plan.results_dir), "collect_job": collect_job,
-            "collect_state": finals.get(collect_job) if collect_job else None}
-
-
-def format_status(st: dict[str, Any]) -> str:
-    head = f"{'stage':10s} {'total':>5s} {'done':>5s} {'queued':>6s} {'failed':>6s} {'not submitted':>13s}"
-    lines = [f"grid {st['grid']}", head]
-    for stage, c in st["stages"].items():
-        lines.append(f"{stage:10s} {c['total']:5d} {c['done']:5d} {c['queued']:6d} {c['failed']:6d} {c['not submitted']:13d}")
-    lines += [f"  ! {p}" for p in st["problems"]]
-    res = "up to date" if st["results_current"] else "incomplete"
-    lines.append(f"results: {st['results_dir']} ({res})" + (f"; collect job {st['collect_job']} {st['collect_state'] or ''}" if st["collect_job"] else ""))
-    return "\n".join(lines)
-

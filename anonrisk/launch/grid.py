@@ -4,15 +4,15 @@ A grid file names a base run config, dotted settings every cell shares (``fixed`
 is either a list of values for one setting or a mapping ``label -> {dotted settings}`` (a named variant,
 e.g. a dataset with its root, or an anonymizer with a conditioning scale). Short axis names:
 
-    anonymizer -> anonymizers: [value]      backbone -> attack.backbone
-    dataset    -> data.dataset              seed     -> attack.seed (the anonymization is shared)
+    anonymizer -> anonymizers: [value]      backbone -> train.backbone
+    dataset    -> data.dataset              seed     -> train.seed (the anonymization is shared)
 
-Every cell is one full run config with one anonymizer. Its stages (prepare, anonymize, train, evaluate)
-are identified by the same fingerprints the pipeline uses for its directories, so cells that share a
-dataset x anonymizer share one anonymize node, and a node whose directory is DONE is never run again.
-``train`` is the contrastive attack's training (its own job: the long, checkpointed one); ``evaluate``
-writes the cell's report card (every configured attack, leakage, utility) into ``runs/cell/<fp>/``, and
-trains the other attacks' encoders (surrogate, edge-encoder) on the way.
+Every cell is one full run config with one anonymizer, and its nodes are the directories of its plan
+(``anonrisk.plan``): prepare, anonymize, one train node per trained attack (its own job: the long,
+checkpointed one) and evaluate, which writes the cell's report card (every configured attack, leakage,
+utility) into ``runs/cell/<fp>/``. Cells that share work share nodes (a dataset x anonymizer is anonymized
+once; an encoder trained on originals only serves every anonymizer); a node whose directory is DONE is never
+run again; a cell is named by its plan's fingerprints, so operational settings never make new cells.
 Planning is pure: it validates every cell and builds the graph without touching data or a cluster.
 """
 
@@ -24,16 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from anonrisk.config.loader import (REPO_CONFIGS, deep_merge, format_validation_error, load_yaml, nest, preset_dirs,
-                                    resolve_anonymizer, validate)
-from anonrisk.config.schema import RunConfig, Strict
+from anonrisk.config.loader import REPO_CONFIGS, deep_merge, load_yaml, nest, preset_dirs, resolve_anonymizer, validate
+from anonrisk.config.migrate import migrate
+from anonrisk.config.schema import RunConfig
+from anonrisk.config.validation import Strict, validate_model
 from anonrisk.errors import ConfigError
 from anonrisk.launch.profile import ClusterProfile, StageResources, load_profile
 
 STAGES = ("prepare", "anonymize", "train", "evaluate")
-ALIASES = {"anonymizer": "anonymizers", "backbone": "attack.backbone", "dataset": "data.dataset", "seed": "attack.seed"}
+ALIASES = {"anonymizer": "anonymizers", "backbone": "train.backbone", "dataset": "data.dataset", "seed": "train.seed"}
 AxisValues = Union[list[Any], dict[str, dict[str, Any]]]
 
 
@@ -80,10 +81,15 @@ class Cell:
     id: str  # "anonymizer=blur,backbone=resnet50"
     axes: dict[str, str]
     config: RunConfig
+    plan: Any  # its RunPlan (one target)
 
     @property
     def spec(self):
         return self.config.anonymizers[0]
+
+    @property
+    def target(self):
+        return self.plan.target(self.spec)
 
 
 @dataclass
@@ -93,6 +99,7 @@ class Node:
     cell: str  # a cell whose config runs this node (the first one that needs it)
     deps: list[str] = field(default_factory=list)
     cells: list[str] = field(default_factory=list)  # every cell that needs it
+    attack: Optional[str] = None  # a train node: the attack (its name in ``cell``) whose encoder it trains
 
 
 @dataclass
@@ -103,7 +110,7 @@ class GridPlan:
     resources: dict[str, StageResources]
     cells: list[Cell]
     nodes: dict[str, Node]  # by key, in stage order
-    cell_nodes: dict[str, dict[str, str]]  # cell id -> stage -> node key
+    cell_nodes: dict[str, dict[str, str]]  # cell id -> role ("prepare", "anonymize", "train:<attack>", "evaluate") -> node key
 
     @property
     def runs_dir(self) -> Path:
@@ -128,18 +135,6 @@ class GridPlan:
         return (self.runs_dir / node.key / "DONE").exists()
 
 
-CELL_VERSION = 1
-
-
-def cell_stage(cfg: RunConfig):
-    """Where a cell's report card lives: named by everything that decides it (not where it is written or
-    tracked), so two grids sharing a cell share its result."""
-    from anonrisk.stages import StageDir, fingerprint
-
-    d = cfg.model_dump(mode="json", exclude={"name", "runs_dir", "results_dir", "tracking", "progress"})
-    return StageDir(cfg.runs_dir, "cell", fingerprint("cell", CELL_VERSION, d))
-
-
 def find_grid_file(path: str) -> Path:
     p = Path(path)
     if p.exists():
@@ -152,11 +147,7 @@ def find_grid_file(path: str) -> Path:
 
 def load_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> tuple[GridSpec, Path]:
     p = find_grid_file(str(path))
-    raw = load_yaml(p)
-    try:
-        spec = GridSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, GridSpec, str(p))) from None
+    spec = validate_model(GridSpec, load_yaml(p), f"invalid grid file {p}")
     if overrides:
         spec.fixed = {**spec.fixed, **overrides}
     if "anonymizer" in spec.axes and "anonymizers" in spec.fixed:
@@ -164,14 +155,18 @@ def load_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
     return spec, p
 
 
-def _check_cell(cfg: RunConfig, where: str) -> None:
-    """What pydantic cannot see: the backbone must exist in timm, a real dataset's root must be there."""
+def _check_cell(cell_plan, where: str) -> None:
+    """What pydantic cannot see: the backbones must exist in timm, a real dataset's root must be there."""
     import timm
 
-    if not timm.is_model(cfg.attack.backbone):
-        close = timm.list_models(f"*{cfg.attack.backbone.split('.')[0][:6]}*")[:8]
-        raise ConfigError(f"{where}: attack.backbone {cfg.attack.backbone!r} is not a timm model" + (f"; similar: {', '.join(close)}" if close else ""))
-    if cfg.data.dataset != "synthetic":
+    cfg = cell_plan.cfg
+    for a in next(iter(cell_plan.targets.values())).trained():
+        backbone = a.train_config.backbone
+        key = "train.backbone" if a.train_config.backbone == cfg.train.backbone else f"{a.key}.params.backbone"
+        if not timm.is_model(backbone):
+            close = timm.list_models(f"*{backbone.split('.')[0][:6]}*")[:8]
+            raise ConfigError(f"{where}: {key} {backbone!r} is not a timm model" + (f"; similar: {', '.join(close)}" if close else ""))
+    if cell_plan.dataset.needs_root:
         if not cfg.data.root:
             raise ConfigError(f"{where}: data.root is required for data.dataset={cfg.data.dataset}")
         if not Path(cfg.data.root).expanduser().is_dir():
@@ -180,24 +175,23 @@ def _check_cell(cfg: RunConfig, where: str) -> None:
 
 def plan_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None, check: bool = True) -> GridPlan:
     """Expand and validate the whole grid. Raises ConfigError naming the cell and key; queues nothing."""
-    from anonrisk.anonymize import build_anonymizer
-    from anonrisk.pipeline import Pipeline
+    from anonrisk.plan import plan
 
     spec, gpath = load_grid(path, overrides)
     base_path = (gpath.parent / spec.base).resolve() if spec.base else None
-    base = load_yaml(base_path) if base_path else {}
+    base = migrate(load_yaml(base_path), str(base_path)) if base_path else {}
     profile = load_profile(spec.profile, gpath)
     resources = profile.resources_for(spec.resources, f"{gpath}: resources")
     dirs = preset_dirs(base_path) if base_path else preset_dirs(gpath)
 
-    fixed = nest(_expand_env(spec.fixed), f"{gpath}: fixed")
+    fixed = migrate(nest(_expand_env(spec.fixed), f"{gpath}: fixed"), f"{gpath}: fixed")
     axes = [[(name, label, settings) for label, settings in axis_choices(name, values)] for name, values in spec.axes.items()]
     cells: list[Cell] = []
     for combo in itertools.product(*axes) if axes else [()]:
         cell_id = ",".join(f"{name}={label}" for name, label, _ in combo) or "all"
         raw = deep_merge(base, fixed)
         for _, _, settings in combo:
-            raw = deep_merge(raw, nest(_expand_env(settings), f"{gpath}: axes"))
+            raw = deep_merge(raw, migrate(nest(_expand_env(settings), f"{gpath}: axes"), f"{gpath}: axes"))
         raw["name"] = f"{spec.name}"
         where = f"{gpath}: cell {cell_id}"
         cfg = validate(raw, where)
@@ -207,37 +201,36 @@ def plan_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None, 
             raise ConfigError(f"{where}: each cell needs exactly one anonymizer (use an 'anonymizer' axis); got {len(cfg.anonymizers)}")
         try:
             cfg.anonymizers = [resolve_anonymizer(cfg.anonymizers[0], dirs, 0)]
+            cell_plan = plan(cfg)
             if check:
-                build_anonymizer(cfg.anonymizers[0]).validate()
+                next(iter(cell_plan.targets.values())).anonymizer.validate()
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if check:
-            _check_cell(cfg, where)
-        cells.append(Cell(cell_id, {name: label for name, label, _ in combo}, cfg))
+            _check_cell(cell_plan, where)
+        cells.append(Cell(cell_id, {name: label for name, label, _ in combo}, cfg, cell_plan))
     if len({c.config.runs_dir for c in cells}) > 1:
         raise ConfigError(f"{gpath}: runs_dir must be the same for every cell (it holds the shared stages)")
 
     nodes: dict[str, Node] = {}
     cell_nodes: dict[str, dict[str, str]] = {}
     for c in cells:
-        pipe = Pipeline(c.config)
         runs = Path(c.config.runs_dir)
-        dirs_ = {
-            "prepare": pipe.prepare_stage().path,
-            "anonymize": pipe.anonymizer_stage(c.spec)[1].path,
-            "evaluate": cell_stage(c.config).path,
-        }
-        if any(a.kind == "contrastive" and not a.params for a in c.config.attacks):
-            dirs_["train"] = pipe.train_stage(c.spec).path  # the heavy, checkpointed training: its own job
-        keys = {stage: str(Path(d).relative_to(runs)) for stage, d in dirs_.items()}
-        prev = None
-        for stage in STAGES:
-            if stage not in keys:
-                continue
-            key = keys[stage]
-            node = nodes.setdefault(key, Node(stage, key, c.id, [prev] if prev else []))
-            node.cells.append(c.id)
-            prev = key
+        t = c.target
+
+        def node(stage: str, d, deps: list[str], attack: Optional[str] = None) -> str:
+            key = str(Path(d.path).relative_to(runs))
+            n = nodes.setdefault(key, Node(stage, key, c.id, deps, attack=attack))
+            n.cells.append(c.id)
+            return key
+
+        keys = {"prepare": node("prepare", t.data, [])}
+        keys["anonymize"] = node("anonymize", t.anonymize, [keys["prepare"]])
+        for a in t.trained():  # the heavy, checkpointed trainings: a job each
+            keys[f"train:{a.name}"] = node("train", a.train, [keys["prepare" if a.attack.source == "originals" else "anonymize"]], a.name)
+        trains = [k for role, k in keys.items() if role.startswith("train:")]
+        covered = any(nodes[k].deps == [keys["anonymize"]] for k in trains)  # the anonymization is upstream of a train node
+        keys["evaluate"] = node("evaluate", t.cell, trains + ([] if covered else [keys["anonymize"]]))
         cell_nodes[c.id] = keys
     ordered = {n.key: n for stage in STAGES for n in nodes.values() if n.stage == stage}
     return GridPlan(spec, gpath.resolve(), profile, resources, cells, ordered, cell_nodes)

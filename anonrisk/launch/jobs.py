@@ -49,7 +49,8 @@ def usr2_checkpoints_training() -> Iterator[None]:
         signal.signal(signal.SIGUSR2, submitit_handler)
 
 
-def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: list[str]) -> dict:
+def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: list[str], attack: Optional[str] = None) -> dict:
+    """One node of a cell's plan; ``attack`` names a train node's attack (as the cell's config calls it)."""
     from anonrisk.config.schema import RunConfig
     from anonrisk.pipeline import Pipeline
     from anonrisk.stages import read_json
@@ -58,25 +59,25 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
     cfg = RunConfig.model_validate(cell_cfg)
     cfg.progress = False
     pipe = Pipeline(cfg)
-    spec = cfg.anonymizers[0]
+    target = pipe.target(cfg.anonymizers[0])
     if stage == "prepare":
         return {"stage": stage, "path": str(pipe.prepare().path), "records": len(pipe.records)}
     if stage == "anonymize":
-        return {"stage": stage, "path": str(pipe.anonymize(spec).path)}
+        return {"stage": stage, "path": str(pipe.anonymize(target).path)}
     if stage == "train":
-        path = pipe.train(spec).path
+        path = pipe.train(target, attack).path
+        metric = "train.loss" if len(target.trained()) == 1 else f"train.{attack}.loss"
         for cid in cells:
-            grid_mlflow.log_training(Path(grid_dir), cid, path)
+            grid_mlflow.log_training(Path(grid_dir), cid, path, metric)
         return {"stage": stage, "path": str(path)}
     if stage == "evaluate":
-        from anonrisk.launch.grid import cell_stage
         from anonrisk.stages import write_json
 
-        out = cell_stage(cfg)
+        out = target.cell
         if not out.is_done():
-            out.begin({"config": cfg.model_dump(mode="json")})
+            out.begin({"config": cfg.model_dump(mode="json"), "fingerprints": target.fingerprints()})
             pipe.prepare()
-            card = pipe.report_card(spec, pipe.validate_attacks())
+            card = pipe.report_card(target, pipe.validate_attacks())
             write_json(out / "result.json", card)
             out.mark_done({"attacks": sorted(card["attacks"])})
         result = read_json(out / "result.json")
@@ -89,10 +90,11 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
 class StageJob(submitit.helpers.Checkpointable):
     """One node of the stage graph. ``checkpoint`` (inherited) resubmits the same call on requeue."""
 
-    def __call__(self, stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: Optional[list[str]] = None) -> dict:
+    def __call__(self, stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: Optional[list[str]] = None,
+                 attack: Optional[str] = None) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         with usr2_checkpoints_training():
-            return run_stage(stage, cell_cfg, grid_dir, cell_id, cells or [cell_id])
+            return run_stage(stage, cell_cfg, grid_dir, cell_id, cells or [cell_id], attack)
 
 
 class CollectJob(submitit.helpers.Checkpointable):

@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from anonrisk.config.loader import REPO_CONFIGS, format_validation_error, load_yaml
-from anonrisk.config.schema import Strict
+from anonrisk.config.loader import REPO_CONFIGS, load_yaml
+from anonrisk.config.validation import Strict, validate_model
 from anonrisk.errors import ConfigError
 
 GRID_STAGES = ("prepare", "anonymize", "train", "evaluate", "collect")
@@ -50,10 +50,7 @@ class ClusterProfile(Strict):
         out = {}
         for stage in GRID_STAGES:
             base = self.stages.get(stage, StageResources()).model_dump()
-            try:
-                res = StageResources.model_validate({**base, **overrides.get(stage, {})})
-            except ValidationError as exc:
-                raise ConfigError(format_validation_error(exc, StageResources, f"{where}.{stage}")) from None
+            res = validate_model(StageResources, {**base, **overrides.get(stage, {})}, f"{where}.{stage}")
             if res.gpus > self.max_gpus_per_node:
                 raise ConfigError(
                     f"{where}.{stage}.gpus={res.gpus} exceeds what cluster profile '{self.name}' allows "
@@ -75,10 +72,7 @@ def load_profile(name: str, grid_path: Optional[Path] = None) -> ClusterProfile:
         if p.is_file():
             raw = load_yaml(p)
             raw.setdefault("name", p.stem)
-            try:
-                return ClusterProfile.model_validate(raw)
-            except ValidationError as exc:
-                raise ConfigError(format_validation_error(exc, ClusterProfile, str(p))) from None
+            return validate_model(ClusterProfile, raw, f"invalid cluster profile {p}")
     known = sorted(p.stem for p in (REPO_CONFIGS / "clusters").glob("*.yaml"))
     raise ConfigError(f"cluster profile {name!r} not found; known profiles: {', '.join(known)}")
 

@@ -69,9 +69,9 @@ def report_markdown(cfg: RunConfig, results: dict[str, Any]) -> str:
 
     keys = protocol_keys(results)
     attacks = ", ".join(f"{a.name} ({a.kind})" for a in cfg.attacks)
-    trained = any(a.kind in ("contrastive", "surrogate", "edge-encoder") for a in cfg.attacks)
-    settings = (f" Trained attacks start from: {cfg.attack.backbone}, batch {cfg.attack.batch_size}, {cfg.attack.steps} steps, "
-                f"input {cfg.attack.input} (per-attack params override).") if trained else ""
+    trained = any("train" in a.get("fingerprints", {}) for card in results.values() for a in card["attacks"].values())
+    settings = (f" Trained attacks start from: {cfg.train.backbone}, batch {cfg.train.batch_size}, {cfg.train.steps} steps, "
+                f"input {cfg.train.input} (per-attack params override).") if trained else ""
     parts = [
         f"# anonrisk report: {cfg.name}\n",
         f"Attacks: {attacks}.{settings} Dataset: {cfg.data.dataset}.\n",

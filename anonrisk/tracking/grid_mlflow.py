@@ -3,9 +3,10 @@ run per grid with one child run per cell, and keeps their ids in ``<grid_dir>/ml
 log into those runs, so a requeued job continues the run its first attempt started.
 
 Names are stable across grids: params ``grid.<axis>`` (the cell's label on each axis), ``data.*``,
-``attack.*``, ``evaluate.*``, ``anonymizer.*``; metrics as in a run's child runs,
+``train.*``, ``evaluate.*``, ``anonymizer.*``; metrics as in a run's child runs,
 ``<attack>.<protocol>.<mode>.<top1|top5|mrr>`` with ``_lo``/``_hi``/``_norm``, ``worst.*`` (the strongest
-attack), ``leakage.*``, ``utility.*``, and ``train.loss`` per step.
+attack), ``leakage.*``, ``utility.*``, and per step ``train.loss`` (``train.<attack>.loss`` in a cell that trains
+several attacks).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def start_grid_runs(plan) -> dict[str, Any]:
             "mlflow.parentRunId": state["parent_run_id"], "anonrisk.grid": plan.spec.name, "anonrisk.cell": cell.id})
         c = cell.config
         params = {f"grid.{k}": v for k, v in cell.axes.items()}
-        params.update(flatten("", {"data": c.data.model_dump(mode="json"), "attack": c.attack.model_dump(mode="json"),
+        params.update(flatten("", {"data": c.data.model_dump(mode="json"), "train": c.train.model_dump(mode="json"),
                                    "evaluate": c.evaluate.model_dump(mode="json")}, {}))
         params.update(flatten("anonymizer", cell.spec.model_dump(mode="json"), {}))
         client.log_batch(child.info.run_id, params=_params(params))
@@ -97,8 +98,8 @@ def _log_batch(client, run_id: str, metrics: list) -> None:
         client.log_batch(run_id, metrics=metrics[i : i + 900])
 
 
-def log_training(grid_dir: Path, cell_id: str, train_dir: Path) -> None:
-    """The loss curve of a finished training, once (a requeued job finds it logged and skips)."""
+def log_training(grid_dir: Path, cell_id: str, train_dir: Path, metric: str = "train.loss") -> None:
+    """The loss curve of a finished training as ``metric``, once (a requeued job finds it logged and skips)."""
     state = _state(grid_dir)
     if state is None or cell_id not in state["children"]:
         return
@@ -106,11 +107,11 @@ def log_training(grid_dir: Path, cell_id: str, train_dir: Path) -> None:
 
     client = _client(state["tracking_uri"])
     run_id = state["children"][cell_id]
-    if client.get_metric_history(run_id, "train.loss"):
+    if client.get_metric_history(run_id, metric):
         return
     lines = (Path(train_dir) / "log.jsonl").read_text().splitlines()
     entries = [json.loads(line) for line in lines]
-    _log_batch(client, run_id, [Metric("train.loss", e["loss"], 0, e["step"]) for e in entries])
+    _log_batch(client, run_id, [Metric(metric, e["loss"], 0, e["step"]) for e in entries])
 
 
 def log_cell(grid_dir: Path, cell_id: str, result: dict[str, Any]) -> None:

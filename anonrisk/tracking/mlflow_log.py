@@ -1,6 +1,6 @@
 """Log a run's results to MLflow: one parent run per anonrisk run, one child run per anonymizer.
 
-Stable names: params ``anonymizer.*``, ``attack.*``, ``data.*``; metrics ``<protocol>.<mode>.<metric>``
+Stable names: params ``anonymizer.*``, ``train.*``, ``data.*``; metrics ``<protocol>.<mode>.<metric>``
 with ``_lo``/``_hi`` for the 95 % interval, and ``leakage.<name>``. Artifacts: metrics.json, report.md and
 plots (no face images). Run ids are kept in ``results/<run>/mlflow.json``; a rerun with unchanged results
 logs nothing new.
@@ -74,7 +74,7 @@ def log_results(cfg: RunConfig, doc: dict[str, Any], out_dir: Path) -> dict[str,
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-    params = flatten("", {"data": doc["config"]["data"], "attack": doc["config"]["attack"], "evaluate": doc["config"]["evaluate"]}, {})
+    params = flatten("", {"data": doc["config"]["data"], "train": doc["config"]["train"], "evaluate": doc["config"]["evaluate"]}, {})
     params["attacks"] = ",".join(a["name"] for a in doc["config"].get("attacks", []))
     parent = client.create_run(exp_id, run_name=cfg.name, tags={"anonrisk.run": cfg.name, "anonrisk.data_fp": doc["data"]["fingerprint"]})
     pid = parent.info.run_id

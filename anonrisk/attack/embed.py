@@ -4,25 +4,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 
+from anonrisk.attack.model import Encoder
 from anonrisk.data.io import load_batch
 from anonrisk.data.records import FaceRecord
 
 
 @torch.no_grad()
 def embed_records(model, records: Sequence[FaceRecord], image_size: int, device: str = "cpu", batch_size: int = 256) -> torch.Tensor:
-    from anonrisk.attack.model import Encoder
-
     out = []
     for i in range(0, len(records), batch_size):
         images = torch.from_numpy(load_batch([r.path for r in records[i : i + batch_size]], image_size))
         out.append(model(Encoder.preprocess(images).to(device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 1)
-
-
-def identity_indices(records: Sequence[FaceRecord]) -> tuple[np.ndarray, list[str]]:
-    names = sorted({r.identity for r in records})
-    index = {n: i for i, n in enumerate(names)}
-    return np.array([index[r.identity] for r in records]), names

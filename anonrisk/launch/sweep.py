@@ -16,9 +16,10 @@ import copy
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from anonrisk.config.schema import AnonymizerSpec, RunConfig
+from anonrisk.config.schema import RunConfig, Spec
+from anonrisk.config.validation import Strict, validate_model
 from anonrisk.errors import ConfigError
 
 SWEEP_SCHEMA_VERSION = 1
@@ -26,28 +27,21 @@ MAIN = "full-ref/exclude-source"
 LINKAGE = "full-ref/linkage"
 
 
-class Sweep(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Sweep(Strict):
     name: str
     base: str  # an anonymizer kind or preset name
     param: str  # dotted path into the base's params; integers index lists (conditions.0.scale)
     values: list[Any] = Field(min_length=1)
 
 
-class SweepFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SweepFile(Strict):
     sweeps: list[Sweep] = Field(min_length=1)
 
 
 def load_sweeps(path: str | Path) -> list[Sweep]:
-    from pydantic import ValidationError
+    from anonrisk.config.loader import load_yaml
 
-    from anonrisk.config.loader import format_validation_error, load_yaml
-
-    try:
-        return SweepFile.model_validate(load_yaml(path)).sweeps
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, SweepFile, str(path))) from None
+    return validate_model(SweepFile, load_yaml(path), f"invalid sweep file {path}").sweeps
 
 
 def set_param(params: dict, path: str, value: Any, key: str) -> dict:
@@ -70,7 +64,8 @@ def set_param(params: dict, path: str, value: Any, key: str) -> dict:
     return out
 
 
-def sweep_specs(sweeps: list[Sweep], config_path: Optional[str]) -> list[tuple[Sweep, Any, AnonymizerSpec]]:
+def sweep_specs(sweeps: list[Sweep], config_path: Optional[str]) -> list[tuple[Sweep, Any, Spec]]:
+    """Every point as an anonymizer spec, its params checked (a bad value fails here, before any image)."""
     from anonrisk.anonymize import build_anonymizer
     from anonrisk.config.loader import preset_dirs, resolve_anonymizer
 
@@ -80,17 +75,14 @@ def sweep_specs(sweeps: list[Sweep], config_path: Optional[str]) -> list[tuple[S
         base = resolve_anonymizer(sw.base, dirs, i)
         for v in sw.values:
             key = f"sweeps[{i}] ({sw.name})"
-            spec = AnonymizerSpec(name=f"{sw.name}={v}", kind=base.kind, params=set_param(base.params, sw.param, v, f"{key}.param"))
-            try:  # a bad value fails here, before any image is processed
-                build_anonymizer(spec).validate()
-            except ValueError as exc:
-                raise ConfigError(f"{key}: {sw.param}={v!r}: {exc}") from None
+            spec = Spec(name=f"{sw.name}={v}", kind=base.kind, params=set_param(base.params, sw.param, v, f"{key}.param"))
+            build_anonymizer(spec, f"{key}: {sw.param}={v!r}").validate()
             points.append((sw, v, spec))
     return points
 
 
 def run_sweeps(cfg: RunConfig, sweeps: list[Sweep], config_path: Optional[str] = None) -> dict:
-    """Run every sweep point through the pipeline; write the run's report and the sweep summary."""
+    """Run every sweep point through the run's plan; write the run's report and the sweep summary."""
     from anonrisk.pipeline import Pipeline
     from anonrisk.report.card import ran
     from anonrisk.stages import atomic_path, write_json

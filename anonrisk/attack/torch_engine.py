@@ -1,0 +1,90 @@
+"""The plain PyTorch engine: one process, or DistributedDataParallel when a process group has several ranks."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from anonrisk.attack.dist import barrier
+from anonrisk.attack.engine_base import DTYPES, ContrastiveModel, Engine, fp32
+from anonrisk.attack.train_plan import Plan
+from anonrisk.config.schema import TrainConfig
+from anonrisk.stages import atomic_path
+
+
+class TorchEngine(Engine):
+    """Plain PyTorch: one process, or DistributedDataParallel when a process group has several ranks.
+    bf16/fp16 through autocast (fp16 with a GradScaler, GPU only); channels_last on the GPU."""
+
+    name = "torch"
+
+    def __init__(self, plan: Plan, cfg: TrainConfig, model: ContrastiveModel):
+        super().__init__(plan, cfg)
+        self.module = model.to(self.device)
+        if self.device.type == "cuda":
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.train_mode()
+        self.wrapped = self.module
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = DDP(self.module, device_ids=ids, broadcast_buffers=not cfg.freeze_bn)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            fused = {"fused": True} if self.device.type == "cuda" else {}
+            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        self.scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" else None
+
+    def autocast(self):
+        if self.plan.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.plan.precision])
+
+    def forward(self, x):
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            return self.wrapped(x)
+
+    def chunk(self, last):
+        # DDP decides at forward time whether the coming backward all-reduces: no_sync wraps both
+        return self.wrapped.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, lr):
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def save(self, ckpt_dir, step):
+        if self.rank == 0:  # DDP replicas are identical: one file
+            with atomic_path(ckpt_dir / "last.pt") as tmp:
+                torch.save({"model": self.module.state_dict(), "opt": self.opt.state_dict(), "step": step,
+                            "scaler": self.scaler.state_dict() if self.scaler else None}, tmp)
+        barrier()
+
+    def load(self, ckpt_dir):
+        path = ckpt_dir / "last.pt"
+        if not path.exists():
+            return None
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        self.module.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["opt"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        return int(ckpt["step"])
+
+    def export(self):
+        return {k: fp32(v).cpu().contiguous() for k, v in self.module.encoder.state_dict().items()}
+
