@@ -19,7 +19,7 @@ from anonrisk.evaluate.protocols import PROTOCOL_VERSION, score_protocol
 from anonrisk.stages import StageDir, fingerprint, read_json, write_json
 
 EVAL_VERSION = 2  # 2: leakage and utility moved to the quality stage
-QUALITY_VERSION = 1
+QUALITY_VERSION = 2  # 2: Gaussian SSIM, PSNR of identical pairs counted (not capped), FID Inception features
 #: EvaluateConfig keys that only the quality stage reads
 QUALITY_KEYS = ("leakage", "leakage_tolerance", "utility")
 
