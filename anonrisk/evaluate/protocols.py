@@ -154,14 +154,14 @@ def score_protocols(
     def t(x, dtype=torch.long):
         return torch.as_tensor(x, dtype=dtype, device=dev)
 
-    gal_ident, position, by_order, in_pool = t(gallery_identity), t(lay.position), t(lay.by_order), t(lay.in_pool, torch.bool)
-    refs = {}  # protocol -> (other identities' reference columns or None for all, their identities, counts)
+    position, by_order, in_pool = t(lay.position), t(lay.by_order), t(lay.in_pool, torch.bool)
+    # every identity's references as a padded (n_ids, m) matrix of gallery indices: reductions are then a
+    # gather and a reduce over the last axis (much faster than a scatter); -1 marks padding and non-pool ids
+    refs = {}
     for protocol in protocols:
         n_refs = _ref_k(protocol, k)
-        mask = (lay.position >= 0) if n_refs is None else (lay.position >= 0) & (lay.position < n_refs)
-        cols = None if mask.all() else np.flatnonzero(mask)
-        ident = gal_ident if cols is None else t(gallery_identity[cols])
-        refs[protocol] = (None if cols is None else t(cols), ident, torch.bincount(ident, minlength=n_ids).double())
+        cols = by_order if n_refs is None else by_order[:, :n_refs]
+        refs[protocol] = (cols.clamp(min=0).reshape(-1), cols >= 0, (cols >= 0).sum(1).double())
     keys = [f"{p}/{m}" for p in protocols for m in modes]
     greater = {key: np.zeros(len(probes), np.int64) for key in keys}
     ties = {key: np.zeros(len(probes), np.int64) for key in keys}
@@ -169,7 +169,7 @@ def score_protocols(
     kept = {key: np.empty((len(probes), len(lay.ids)), np.float32) for key in keys} if keep_scores else {}
     pool_cols = t(lay.ids)
     m_pos = torch.arange(by_order.shape[1], device=dev)[None, :]
-    step = max(1, block_elems // max(1, n_gal))
+    step = max(1, block_elems // max(1, n_gal, by_order.numel()))
     with torch.no_grad():
         for start in range(0, len(probes), step):
             rows = probes[start : start + step]
@@ -186,14 +186,12 @@ def score_protocols(
             rank_among_others = m_pos - (m_pos > src_pos).long()  # position once the source is taken out
             arange_b = torch.arange(len(rows), device=dev)
             for protocol in protocols:
-                cols, col_ident, counts = refs[protocol]
-                vals = block if cols is None else block[:, cols]
-                index = col_ident.expand(len(rows), -1)
+                flat, valid_refs, counts = refs[protocol]
+                vals = block[:, flat].view(len(rows), n_ids, -1)
                 if score == "max":
-                    sc = torch.full((len(rows), n_ids), float("-inf"), dtype=vals.dtype, device=dev)
-                    sc = sc.scatter_reduce(1, index, vals, reduce="amax", include_self=True).double()
+                    sc = vals.masked_fill(~valid_refs, float("-inf")).amax(-1).double()
                 else:
-                    sc = torch.zeros((len(rows), n_ids), dtype=torch.float64, device=dev).scatter_add(1, index, vals) / counts
+                    sc = vals.masked_fill(~valid_refs, 0.0).sum(-1) / counts
                 sc[:, ~in_pool] = float("-inf")
                 others = sc.clone()
                 others[arange_b, ident] = float("-inf")  # the probe is compared against the other identities
