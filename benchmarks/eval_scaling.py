@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -164,7 +165,7 @@ def main(argv=None):
             rows[-1]["identical"] = all(np.array_equal(ranks["streaming"][k], ranks["materialised"][k]) for k in ranks["materialised"])
     doc = {"benchmark": "eval_scaling", "device": args.device, "dim": args.dim, "per_identity": args.per_identity,
            "bootstrap": args.bootstrap, "note": args.note, "host": platform.node(), "cpus": os.cpu_count(),
-           "command": "python benchmarks/eval_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows}
+           "command": shlex.join(["python", "benchmarks/eval_scaling.py", *(argv if argv is not None else sys.argv[1:])]), "rows": rows}
     (out / "eval_scaling.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     (out / "eval_scaling.md").write_text(render(doc))
     print(render(doc))
