@@ -122,7 +122,7 @@ class UtilityConfig(Strict):
     lpips_net: Literal["alex", "vgg"] = "alex"
     lpips_backbone_weights: Optional[str] = None  # torchvision alexnet/vgg16 state dict (.pth or .safetensors)
     lpips_linear_weights: Optional[str] = None  # the LPIPS linear-layer weights (e.g. lpips' weights/v0.1/alex.pth)
-    fid_weights: Optional[str] = None  # torchvision inception_v3 state dict: FID and KID on its 2048-d pool features
+    fid_weights: Optional[str] = None  # FID Inception (pytorch-fid / torch-fidelity .pth, .safetensors) or torchvision inception_v3
     fid_image_size: int = Field(299, ge=75, le=1024)
     kid_subset_size: int = Field(100, ge=2)
 

@@ -8,18 +8,17 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from anonrisk.config.schema import EvaluateConfig
 from anonrisk.data.io import load_image
 from anonrisk.data.records import FaceRecord
 from anonrisk.evaluate.leakage import leakage_summary
 from anonrisk.evaluate.metrics import summarize
-from anonrisk.evaluate.protocols import PROTOCOL_VERSION, score_protocol
+from anonrisk.evaluate.protocols import PROTOCOL_VERSION, score_protocols
 from anonrisk.stages import StageDir, read_json, write_json
 
 EVAL_VERSION = 2  # 2: leakage and utility moved to the quality stage
-QUALITY_VERSION = 1
+QUALITY_VERSION = 2  # 2: Gaussian SSIM, PSNR of identical pairs counted (not capped), FID Inception features
 #: EvaluateConfig keys that only the quality stage reads
 QUALITY_KEYS = ("leakage", "leakage_tolerance", "utility")
 
@@ -71,16 +70,13 @@ def measure_quality(anonymized: Sequence[FaceRecord], originals: Sequence[FaceRe
     return out
 
 
-def score_similarity(sim: torch.Tensor, probes: Sequence[FaceRecord], gallery: Sequence[FaceRecord], cfg: EvaluateConfig) -> dict:
-    """Every protocol x mode of one similarity matrix (probes x gallery; probe ids match gallery ids)."""
+def score_similarity(sim, probes: Sequence[FaceRecord], gallery: Sequence[FaceRecord], cfg: EvaluateConfig) -> dict:
+    """Every protocol x mode of one similarity (probes x gallery; probe ids match gallery ids), in one streaming
+    pass: ``sim`` is a matrix or a function of probe rows (``protocols.RowSimilarity``)."""
     g_ident, names = identity_indices(gallery)
     index = {n: i for i, n in enumerate(names)}
     p_ident = np.array([index[r.identity] for r in probes])
     g_pos = {r.id: i for i, r in enumerate(gallery)}
     p_src = np.array([g_pos[r.id] for r in probes])
-    out = {}
-    for protocol in cfg.protocols:
-        for mode in cfg.modes:
-            res = score_protocol(sim, p_ident, p_src, g_ident, protocol, mode, cfg.few_ref_k, cfg.pool_size, cfg.score, cfg.seed)
-            out[f"{protocol}/{mode}"] = summarize(res, cfg.bootstrap, cfg.seed)
-    return out
+    results = score_protocols(sim, p_ident, p_src, g_ident, cfg.protocols, cfg.modes, cfg.few_ref_k, cfg.pool_size, cfg.score, cfg.seed)
+    return {key: summarize(res, cfg.bootstrap, cfg.seed) for key, res in results.items()}

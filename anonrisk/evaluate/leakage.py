@@ -1,5 +1,10 @@
 """Structure leakage between an original and its anonymized image, measured on edge maps:
-boundary F-score within a pixel tolerance, symmetric Chamfer distance, and SSIM of the edge maps."""
+boundary F-score within a pixel tolerance, symmetric Chamfer distance, and SSIM of the edge maps.
+
+``edge_ssim`` is skimage's uniform-window SSIM (7x7 window, sample covariances) of the Gaussian-smoothed
+(sigma 1) edge maps, not the Gaussian SSIM that ``utility.ssim`` reports: kept so that leakage numbers stay
+comparable with earlier results. The window is spelled out below so a change of skimage's defaults cannot
+move it."""
 
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ def edge_scores(original: np.ndarray, anonymized: np.ndarray, tolerance: int = 2
     chamfer = 0.5 * (float(d1[e2].mean()) + float(d2[e1].mean()))
     soft1 = ndimage.gaussian_filter(e1.astype(np.float64), 1.0)
     soft2 = ndimage.gaussian_filter(e2.astype(np.float64), 1.0)
-    ssim = float(structural_similarity(soft1, soft2, data_range=max(soft1.max(), soft2.max(), 1e-8)))
+    ssim = float(structural_similarity(soft1, soft2, data_range=max(soft1.max(), soft2.max(), 1e-8), win_size=7,
+                                       gaussian_weights=False, use_sample_covariance=True))
     return {"edge_f": f, "chamfer": chamfer, "edge_ssim": ssim}
 
 

@@ -46,6 +46,8 @@ def summarize(result: ProtocolResult, bootstrap: int = 1000, seed: int = 0) -> d
     r = result.ranks
     per = {"top1": (r <= 1).astype(float), "top5": (r <= 5).astype(float), "mrr": 1.0 / r}
     out: dict = {"n_probes": int(len(r)), "pool": result.pool, "n_identities": int(len(np.unique(result.probe_identity)))}
+    if result.unscored:  # exclude-source probes whose identity has no other image
+        out["unscored_probes"] = result.unscored
     chances = {"top1": chance(result.pool, 1), "top5": chance(result.pool, 5), "mrr": chance_mrr(result.pool)}
     for name, values in per.items():
         value = float(values.mean())

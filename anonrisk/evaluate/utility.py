@@ -1,19 +1,27 @@
 """What anonymization costs: image utility of the anonymized test images against their originals.
 
-- SSIM (colour, skimage) and PSNR (dB, capped at ``PSNR_CAP`` for identical images) always.
+- ``ssim``: the standard SSIM of Wang et al. 2004 (11-tap Gaussian window, sigma 1.5, K1 0.01, K2 0.03,
+  data range 255, population covariances, mean over pixels and the three channels): the value torchmetrics'
+  StructuralSimilarityIndexMeasure reports (see ``ssim``). skimage's default uniform 7x7 window with sample
+  covariances, used before, gives other numbers; anonrisk no longer reports it.
+- ``psnr``: dB. Identical images have infinite PSNR, so they are counted, not averaged: ``psnr`` is the mean
+  over the pairs that differ (``null`` when every pair is identical) and ``identical_pairs`` the number of
+  pixel-identical pairs; the report writes "identical" for ``null``.
 - LPIPS when local weights are given: a torchvision AlexNet/VGG16 feature extractor plus LPIPS' linear
-  layers (``evaluate.utility.lpips_backbone_weights`` and ``lpips_linear_weights``).
-- FID and KID when a local torchvision Inception-v3 state dict is given (``evaluate.utility.fid_weights``):
-  Frechet distance and the unbiased polynomial-kernel MMD between the 2048-d pool features of the originals
-  and of the anonymized images. With other weights than the TF-ported FID Inception the numbers rank
-  anonymizers but are not comparable to published FID values.
+  layers (``evaluate.utility.lpips_backbone_weights`` and ``lpips_linear_weights``, e.g. the lpips
+  package's own ``weights/v0.1/alex.pth``), as the ``lpips`` package computes it.
+- FID and KID when a local Inception weights file is given (``evaluate.utility.fid_weights``): the Frechet
+  distance and the unbiased cubic-kernel MMD between the 2048-d pool features of the originals and of the
+  anonymized images. The paper FID needs the TF-ported FID Inception (see ``fid_inception``);
+  ``fid_features`` names the network used.
 
-A metric without weights is skipped with the reason under ``skipped``; nothing is downloaded, and a missing
-file never aborts the rest.
+A metric that cannot run (weights not given, unreadable, of another network; or any error inside it) is
+skipped with the reason under ``skipped``: nothing is downloaded, and one metric never takes the others down.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import numpy as np
@@ -21,17 +29,39 @@ import numpy as np
 from anonrisk.config.schema import UtilityConfig
 from anonrisk.errors import Unavailable
 
-PSNR_CAP = 100.0
+log = logging.getLogger("anonrisk")
 LPIPS_LAYERS = {"alex": ([1, 4, 7, 9, 11], [64, 192, 384, 256, 256]), "vgg": ([3, 8, 15, 22, 29], [64, 128, 256, 512, 512])}
 
 
-def ssim_psnr(original: np.ndarray, anonymized: np.ndarray) -> tuple[float, float]:
-    from skimage.metrics import structural_similarity
+def ssim(original: np.ndarray, anonymized: np.ndarray) -> float:
+    """Gaussian SSIM (Wang et al. 2004) of two uint8 (H, W, 3) images as torchmetrics computes it: 11-tap
+    Gaussian window (sigma 1.5), the image mirrored at its borders ("reflect" padding), variances clipped at
+    0, the SSIM map averaged over every pixel and channel. (Wang et al.'s reference code averages only the
+    windows inside the image; the two differ by about 1e-3 on a 48 px image.)"""
+    from scipy import ndimage
 
-    ssim = float(structural_similarity(original, anonymized, channel_axis=-1, data_range=255))
+    x, y = original.astype(np.float64), anonymized.astype(np.float64)
+
+    def window(img):  # radius int(3.5 * 1.5 + 0.5) = 5: the 11 taps; "mirror" is torch's "reflect"
+        return ndimage.gaussian_filter(img, sigma=(1.5, 1.5, 0), mode="mirror", truncate=3.5)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = window(x), window(y)
+    vx = np.maximum(window(x * x) - mx * mx, 0)
+    vy = np.maximum(window(y * y) - my * my, 0)
+    cov = window(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def psnr(original: np.ndarray, anonymized: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images; ``inf`` when they are identical."""
     mse = float(np.mean((original.astype(np.float64) - anonymized.astype(np.float64)) ** 2))
-    psnr = PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * np.log10(255.0**2 / mse))
-    return ssim, float(psnr)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def ssim_psnr(original: np.ndarray, anonymized: np.ndarray) -> tuple[float, float]:
+    return ssim(original, anonymized), psnr(original, anonymized)
 
 
 def _state(path: str, key: str) -> dict:
@@ -42,7 +72,10 @@ def _state(path: str, key: str) -> dict:
     p = Path(path).expanduser()
     if not p.exists():
         raise Unavailable(f"{key}: weights file not found: {p}")
-    return read_state_dict(p)
+    try:
+        return read_state_dict(p)
+    except Exception as exc:  # a truncated, foreign or pickled-object file
+        raise Unavailable(f"{key}: cannot read {p} as a state dict ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 class LPIPS:
@@ -61,12 +94,17 @@ class LPIPS:
                               "(local torchvision AlexNet/VGG16 weights and LPIPS linear layers; never downloaded)")
         state = _state(cfg.lpips_backbone_weights, "LPIPS: evaluate.utility.lpips_backbone_weights")
         lin = _state(cfg.lpips_linear_weights, "LPIPS: evaluate.utility.lpips_linear_weights")
-        net = torchvision.models.alexnet() if cfg.lpips_net == "alex" else torchvision.models.vgg16()
-        backbone = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-        missing, _ = net.features.load_state_dict(backbone, strict=False)
+        with torch.device("meta"):  # no random init to pay for: every tensor comes from the file
+            net = torchvision.models.alexnet() if cfg.lpips_net == "alex" else torchvision.models.vgg16()
+        features = net.features
+        backbone = {k.removeprefix("features."): v.float() for k, v in state.items() if k.startswith("features.")}
+        expected = features.state_dict()
+        missing = [k for k in expected if k not in backbone or tuple(backbone[k].shape) != tuple(expected[k].shape)]
         if missing:
-            raise Unavailable(f"LPIPS: evaluate.utility.lpips_backbone_weights: not a torchvision {cfg.lpips_net} state dict ({len(missing)} feature keys missing)")
-        self.features = net.features.eval()
+            raise Unavailable(f"LPIPS: evaluate.utility.lpips_backbone_weights: not a torchvision {cfg.lpips_net} state dict "
+                              f"({len(missing)} feature tensors missing or of another shape, e.g. {missing[:2]})")
+        features.load_state_dict({k: backbone[k] for k in expected}, assign=True)
+        self.features = features.eval()
         self.taps, widths = LPIPS_LAYERS[cfg.lpips_net]
         try:
             self.lin = [lin[f"lin{i}.model.1.weight"].float().reshape(1, w, 1, 1) for i, w in enumerate(widths)]
@@ -99,39 +137,6 @@ class LPIPS:
                 fa, fb = self._feats(tensor(a[i : i + batch])), self._feats(tensor(b[i : i + batch]))
                 d = sum(((x - y) ** 2 * w).sum(1).mean((1, 2)) for x, y, w in zip(fa, fb, self.lin))
                 out.append(d)
-        return torch.cat(out).numpy()
-
-
-class InceptionFeatures:
-    """2048-d pool features of a torchvision Inception-v3 loaded from a local state dict."""
-
-    def __init__(self, cfg: UtilityConfig):
-        import torch
-        import torchvision
-
-        if not cfg.fid_weights:
-            raise Unavailable("FID/KID: evaluate.utility.fid_weights is not set (a local torchvision Inception-v3 state dict; never downloaded)")
-        state = {k: v for k, v in _state(cfg.fid_weights, "FID/KID: evaluate.utility.fid_weights").items() if not k.startswith("AuxLogits.")}
-        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
-        missing, _ = net.load_state_dict(state, strict=False)
-        if [k for k in missing if not k.startswith("fc.")]:
-            raise Unavailable(f"FID/KID: evaluate.utility.fid_weights: {cfg.fid_weights} is not a torchvision inception_v3 state dict ({len(missing)} keys missing)")
-        net.fc = torch.nn.Identity()
-        self.net = net.eval()
-        self.size = cfg.fid_image_size
-
-    def __call__(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
-        import torch
-        import torch.nn.functional as F
-
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(images), batch):
-                x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 255.0
-                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-                out.append(self.net((x - mean) / std).double())
         return torch.cat(out).numpy()
 
 
@@ -170,26 +175,53 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subset: int = 100, s
     return float(np.mean(vals))
 
 
+def inception_features(cfg: UtilityConfig):
+    """The FID/KID feature extractor of ``evaluate.utility.fid_weights`` (see ``fid_inception``)."""
+    from anonrisk.evaluate.fid_inception import InceptionFeatures
+
+    if not cfg.fid_weights:
+        raise Unavailable("FID/KID: evaluate.utility.fid_weights is not set (a local FID Inception weights file, e.g. "
+                          "pytorch-fid's pt_inception-2015-12-05-*.pth; never downloaded)")
+    return InceptionFeatures(_state(cfg.fid_weights, "FID/KID: evaluate.utility.fid_weights"), cfg.fid_weights, cfg.fid_image_size)
+
+
+def _guarded(out: dict, names: tuple[str, ...], compute) -> None:
+    """Run one optional metric; any failure becomes its ``skipped`` reason, never the others' loss."""
+    try:
+        out.update(compute())
+    except Unavailable as exc:
+        reason = str(exc)
+    except Exception as exc:  # noqa: BLE001 - an optional metric must not abort the stage
+        log.warning("utility: %s failed", "/".join(names), exc_info=True)
+        reason = f"{'/'.join(n.upper() for n in names)} failed: {type(exc).__name__}: {str(exc)[:300]}"
+    else:
+        return
+    for name in names:
+        out["skipped"][name] = reason
+
+
 def utility_summary(pairs: Iterable[tuple[np.ndarray, np.ndarray]], cfg: UtilityConfig) -> dict:
-    """Mean SSIM/PSNR (and LPIPS, FID, KID when their weights are given) over (original, anonymized) pairs;
-    ``skipped`` maps each metric that could not run to the reason."""
-    originals, anonymized = [], []
-    rows = []
+    """Mean SSIM and PSNR (see the module doc), and LPIPS, FID, KID when their weights are given, over
+    (original, anonymized) pairs; ``skipped`` maps each metric that could not run to the reason."""
+    originals, anonymized, ssims, psnrs = [], [], [], []
     for o, a in pairs:
-        rows.append(ssim_psnr(o, a))
+        ssims.append(ssim(o, a))
+        psnrs.append(psnr(o, a))
         originals.append(o)
         anonymized.append(a)
-    out: dict = {"n_pairs": len(rows), "ssim": float(np.mean([r[0] for r in rows])), "psnr": float(np.mean([r[1] for r in rows])), "skipped": {}}
+    finite = [v for v in psnrs if np.isfinite(v)]
+    out: dict = {"n_pairs": len(ssims), "ssim": float(np.mean(ssims)), "psnr": float(np.mean(finite)) if finite else None,
+                 "identical_pairs": len(psnrs) - len(finite), "skipped": {}}
     orig, anon = np.stack(originals), np.stack(anonymized)
-    try:
-        out["lpips"] = float(np.mean(LPIPS(cfg)(orig, anon)))
-    except Unavailable as exc:
-        out["skipped"]["lpips"] = str(exc)
-    try:
-        feats = InceptionFeatures(cfg)
+    _guarded(out, ("lpips",), lambda: {"lpips": float(np.mean(LPIPS(cfg)(orig, anon)))})
+
+    def fid_kid() -> dict:
+        if len(orig) < 2:
+            raise Unavailable(f"FID/KID: need at least 2 image pairs, got {len(orig)}")
+        feats = inception_features(cfg)
         fo, fa = feats(orig), feats(anon)
-        out["fid"] = frechet_distance(fo, fa)
-        out["kid"] = kernel_inception_distance(fo, fa, cfg.kid_subset_size)
-    except Unavailable as exc:
-        out["skipped"]["fid"] = out["skipped"]["kid"] = str(exc)
+        return {"fid": frechet_distance(fo, fa), "kid": kernel_inception_distance(fo, fa, cfg.kid_subset_size),
+                "fid_features": feats.kind}
+
+    _guarded(out, ("fid", "kid"), fid_kid)
     return out

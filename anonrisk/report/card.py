@@ -44,6 +44,18 @@ def _num(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def fmt_psnr(util: dict | None, unit: str = "") -> str:
+    """PSNR as every table shows it: the mean over differing pairs, "identical" when every pair is
+    pixel-identical (``psnr`` null in JSON), with the count of identical pairs when only some are."""
+    if not util or "psnr" not in util:
+        return "-"
+    n_same = util.get("identical_pairs", 0)
+    if util["psnr"] is None:
+        return "identical"
+    text = f"{util['psnr']:.1f}{unit}"
+    return f"{text} ({n_same} identical)" if n_same else text
+
+
 def leaderboard(results: dict[str, Any], key: str = MAIN) -> list[dict[str, Any]]:
     """Anonymizers ranked by the worst case over attacks (chance-normalized top-1 on ``key``), most private first."""
     rows = []
@@ -61,7 +73,7 @@ def leaderboard(results: dict[str, Any], key: str = MAIN) -> list[dict[str, Any]
             "skipped_attacks": {a: r["skipped"] for a, r in card.get("attacks", {}).items() if "skipped" in r},
             "edge_ssim": card.get("leakage", {}).get("edge_ssim"),
             "edge_f": card.get("leakage", {}).get("edge_f"),
-            **{m: util.get(m) for m in ("ssim", "psnr", "lpips", "fid", "kid")},
+            **{m: util.get(m) for m in ("ssim", "psnr", "identical_pairs", "lpips", "fid", "kid", "fid_features")},
         })
     rows.sort(key=lambda r: (r["worst_top1_normalized"] is None, r["worst_top1_normalized"] if r["worst_top1_normalized"] is not None else 0))
     for i, r in enumerate(rows, 1):
@@ -79,7 +91,7 @@ def leaderboard_markdown(rows: list[dict[str, Any]], key: str = MAIN) -> str:
         w = {"value": r["worst_top1"], "ci95": r["worst_top1_ci95"]} if r["worst_top1"] is not None else None
         cells = [str(r["rank"]), r["anonymizer"], fmt(w), _num(r["worst_top1_normalized"], ".3f"), r["worst_attack"] or "-"]
         cells += [_num(r["top1_by_attack"].get(a), ".3f") for a in attacks]
-        cells += [_num(r["edge_ssim"], ".2f"), _num(r["ssim"], ".3f"), _num(r["psnr"], ".1f")] + [_num(r[m], ".4g") for m in optional]
+        cells += [_num(r["edge_ssim"], ".2f"), _num(r["ssim"], ".3f"), fmt_psnr(r)] + [_num(r[m], ".4g") for m in optional]
         lines.append("| " + " | ".join(cells) + " |")
     chance = next((r["chance"] for r in rows if r["chance"] is not None), None)
     skipped = {a: reason for r in rows for a, reason in r["skipped_attacks"].items()}
@@ -114,8 +126,10 @@ def card_markdown(name: str, card: dict[str, Any], keys: list[str]) -> str:
                    f"edge SSIM {leak['edge_ssim']:.3f} over {leak['n_pairs']} pairs.")
     util = card.get("utility")
     if util:
-        parts = [f"SSIM {util['ssim']:.3f}", f"PSNR {util['psnr']:.1f} dB"]
+        parts = [f"SSIM {util['ssim']:.3f}", f"PSNR {fmt_psnr(util, ' dB')}"]
         parts += [f"{m.upper()} {util[m]:.4g}" for m in ("lpips", "fid", "kid") if m in util]
+        if util.get("fid_features") and util["fid_features"] != "fid-inception":
+            parts.append(f"FID/KID on {util['fid_features']} features (not the paper FID)")
         out.append(f"\nUtility: {', '.join(parts)}.")
         by_reason: dict[str, list[str]] = {}
         for m, reason in util.get("skipped", {}).items():

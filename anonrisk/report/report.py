@@ -41,7 +41,7 @@ def check_schema(doc: dict) -> dict:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """Overview: top-1 of every attack against every anonymizer on the main protocol, the worst case, leakage and utility."""
-    from anonrisk.report.card import fmt, protocol_keys, ran, worst_case
+    from anonrisk.report.card import fmt, fmt_psnr, protocol_keys, ran, worst_case
 
     attacks = list(dict.fromkeys(a for card in results.values() for a in card["attacks"]))
     keys = protocol_keys(results)
@@ -58,7 +58,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         chance = chance or (w and w["metric"]["chance"])
         cells.append(f"{w['attack']}: {w['metric']['normalized']:.3f} norm." if w else "-")
         leak, util = card.get("leakage", {}), card.get("utility", {})
-        cells += [f"{leak['edge_ssim']:.2f}" if leak else "-", f"{util['ssim']:.3f}" if util else "-", f"{util['psnr']:.1f}" if util else "-"]
+        cells += [f"{leak['edge_ssim']:.2f}" if leak else "-", f"{util['ssim']:.3f}" if util else "-", fmt_psnr(util)]
         rows.append("| " + " | ".join(cells) + " |")
     note = f"\nTop-1 on {key}; chance top-1 = {chance:.3f}. Brackets: 95 % bootstrap interval by identity.\n" if chance else "\n"
     return "\n".join(rows) + "\n" + note
