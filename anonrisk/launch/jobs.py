@@ -64,9 +64,12 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
     if stage == "anonymize":
         return {"stage": stage, "path": str(pipe.anonymize(spec).path)}
     if stage == "train":
-        path = pipe.train(spec).path
-        for cid in cells:
-            grid_mlflow.log_training(Path(grid_dir), cid, path)
+        from anonrisk.attack.dist import world
+
+        path = pipe.train(spec).path  # every task of a multi-task job is one training rank
+        if world()[0] == 0:  # one rank logs: 16 ranks writing one run (or one sqlite file) race
+            for cid in cells:
+                grid_mlflow.log_training(Path(grid_dir), cid, path)
         return {"stage": stage, "path": str(path)}
     if stage == "evaluate":
         from anonrisk.launch.grid import cell_stage
