@@ -37,6 +37,8 @@ class Preempted(AnonriskError):
 
 def train_fingerprint(cfg: AttackConfig, data_fp: str, anon_fp: str, image_size: int) -> str:
     d = cfg.model_dump(exclude={"device", "checkpoint_every"})
+    if cfg.pretrained:  # pretrained backbones see their own mean/std since then (earlier runs: 0.5/0.25)
+        d["input_normalization"] = "pretrained"
     return fingerprint("train", TRAIN_VERSION, d, data_fp, anon_fp, image_size)
 
 
@@ -184,6 +186,6 @@ def train_attack(
 def load_encoder(cfg: AttackConfig, weights: str | Path, device: str = "cpu") -> Encoder:
     from safetensors.torch import load_file
 
-    model = Encoder(cfg.backbone, cfg.embed_dim, input=cfg.input)
+    model = Encoder(cfg.backbone, cfg.embed_dim, input=cfg.input, pretrained_normalization=cfg.pretrained is not None)
     model.load_state_dict(load_file(str(weights)))
     return model.to(device).eval()
