@@ -85,6 +85,7 @@ def test_two_ranks_on_an_accelerator_only_group_match_one_cpu_process(fakegpu_bu
     cfg = attack_config()
     for s in served:  # the loop's own collectives ran on the group: loss mean and stop flag each step, the gathers
         assert s["allreduce"] >= 2 * cfg.steps and s["allgather"] >= 3 * cfg.steps, s
+        assert s["nccl_backward_ok"], s  # and the reduce-scatter branch nccl takes in the gather's backward
 
     ref = StageDir(str(tmp_path / "ref"), "train", "cpu")
     torch.manual_seed(0)

@@ -118,19 +118,21 @@ class _Backend(torch._C._distributed_c10d.Backend):
                 t.copy_(h)
         return _done(outputs)
 
-    def _allgather_base(self, output, input, opts):
+    def all_gather_single(self, output, input, opts):  # all_gather_into_tensor (_allgather_base before torch 2.14)
         _check("allgather_into_tensor", [output, input])
         parts = [torch.empty_like(input.cpu()) for _ in range(self.size())]
         self.gloo.allgather([parts], [input.cpu()]).wait()
         output.copy_(torch.cat(parts))
         return _done([output])
 
-    def _reduce_scatter_base(self, output, input, opts):
+    def reduce_scatter_single(self, output, input, opts):  # reduce_scatter_tensor, sum
         _check("reduce_scatter_tensor", [output, input])
         host = input.cpu()
         self.gloo.allreduce([host]).wait()
         output.copy_(host.chunk(self.size())[self.rank()])
         return _done([output])
+
+    _allgather_base, _reduce_scatter_base = all_gather_single, reduce_scatter_single
 
     def broadcast(self, tensors, opts):
         _check("broadcast", tensors)
