@@ -101,13 +101,17 @@ class _Backend(torch._C._distributed_c10d.Backend):
     def getBackendName(self) -> str:
         return BACKEND
 
-    def allreduce(self, tensors, opts):
-        _check("allreduce", tensors)
+    def _in_place(self, tensors, collective):
+        """Run a gloo collective on host copies of ``tensors``, then write the result back."""
         host = [t.cpu() for t in tensors]
-        self.gloo.allreduce(host, opts).wait()
+        collective(host).wait()
         for t, h in zip(tensors, host):
             t.copy_(h)
         return _done(tensors)
+
+    def allreduce(self, tensors, opts):
+        _check("allreduce", tensors)
+        return self._in_place(tensors, lambda host: self.gloo.allreduce(host, opts))
 
     def allgather(self, outputs, inputs, opts):
         _check("allgather", inputs + [t for out in outputs for t in out])
@@ -136,11 +140,7 @@ class _Backend(torch._C._distributed_c10d.Backend):
 
     def broadcast(self, tensors, opts):
         _check("broadcast", tensors)
-        host = [t.cpu() for t in tensors]
-        self.gloo.broadcast(host, opts).wait()
-        for t, h in zip(tensors, host):
-            t.copy_(h)
-        return _done(tensors)
+        return self._in_place(tensors, lambda host: self.gloo.broadcast(host, opts))
 
     def barrier(self, opts):
         SERVED["barrier"] += 1
