@@ -154,7 +154,10 @@ def test_only_rank_0_of_a_multi_task_training_job_logs_the_loss_curve(monkeypatc
     monkeypatch.setattr(Pipeline, "train", lambda self, spec: StageDir(str(tmp_path), "train", "fp"))
     logged = []
     monkeypatch.setattr(grid_mlflow, "log_training", lambda grid_dir, cell, path: logged.append(cell))
+    left = []
+    monkeypatch.setattr(dist, "leave_process_group", lambda: left.append(1))  # not this session's group
     for rank in (3, 0):
         monkeypatch.setattr(dist, "world", lambda rank=rank: (rank, 16))
         jobs.run_stage("train", cfg.model_dump(mode="json"), str(tmp_path), "cell", ["cell", "other"])
     assert logged == ["cell", "other"]  # rank 3 logged nothing, rank 0 both cells
+    assert len(left) == 2  # and every rank left the group together before its process exits

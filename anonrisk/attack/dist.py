@@ -126,3 +126,13 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def leave_process_group() -> None:
+    """Every rank leaves together before its process exits: a rank that exits with the group alive while
+    another still talks to it can abort ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()

@@ -64,12 +64,13 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
     if stage == "anonymize":
         return {"stage": stage, "path": str(pipe.anonymize(spec).path)}
     if stage == "train":
-        from anonrisk.attack.dist import world
+        from anonrisk.attack.dist import leave_process_group, world
 
         path = pipe.train(spec).path  # every task of a multi-task job is one training rank
         if world()[0] == 0:  # one rank logs: 16 ranks writing one run (or one sqlite file) race
             for cid in cells:
                 grid_mlflow.log_training(Path(grid_dir), cid, path)
+        leave_process_group()  # the job's processes exit next
         return {"stage": stage, "path": str(path)}
     if stage == "evaluate":
         from anonrisk.launch.grid import cell_stage

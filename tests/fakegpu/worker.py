@@ -26,6 +26,9 @@ def main(rank: int, world: int, port: int, root: Path) -> None:
     served = dict(fakegpu.SERVED)
     served["nccl_backward_ok"] = nccl_branch_of_the_gather_backward(rank, world)
     (root / f"served.{rank}.json").write_text(json.dumps(served))
+    from anonrisk.attack.dist import leave_process_group
+
+    leave_process_group()
 
 
 def nccl_branch_of_the_gather_backward(rank: int, world: int) -> bool:
