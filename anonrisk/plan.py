@@ -60,6 +60,8 @@ def train_fingerprint(cfg: TrainConfig, data_fp: str, source_fp: str, image_size
     from anonrisk.attack.train import TRAIN_VERSION
 
     d = cfg.model_dump(exclude={"device", "checkpoint_every"})
+    if cfg.pretrained:  # pretrained backbones see their own mean/std since then (earlier runs: 0.5/0.25)
+        d["input_normalization"] = "pretrained"
     return fingerprint("train", TRAIN_VERSION, d, data_fp, source_fp, image_size)
 
 

@@ -77,6 +77,12 @@ def main(mode, out):
         result = {name: train_few_steps(o, env.rank, env.world_size) for name, o in ENGINES.items()}
         result["env"] = read_env().__dict__
     torch.save(result, f"{out}.{env.rank}.pt")
+    import torch.distributed as dist
+
+    # leave together: a rank exiting with the group alive while another still talks to it aborts
+    # ("terminate called without an active exception")
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -112,6 +112,34 @@ def test_deepspeed_zero_stages_and_grad_cache_match_the_torch_engine(dist_group)
             assert max((w[k] - ref_w[k]).abs().max().item() for k in ref_w) < 1e-5, (opt, kw)
 
 
+def test_deepspeed_steps_the_same_adamw_as_the_torch_engine(dist_group, monkeypatch):
+    """Like with like: DeepSpeed's presets build torch.optim.AdamW (torch_adam) with the torch engine's
+    settings, fused exactly where the torch engine fuses it (CUDA). The CUDA choice is checked here by
+    forcing it: torch 2.14 also runs fused AdamW on the CPU, and DeepSpeed must pass ``fused`` through."""
+    from anonrisk.attack import torch_engine as torch_engine_module, train_plan
+    from anonrisk.attack.train_plan import deepspeed_config
+
+    cfg = attack(engine="deepspeed")
+    assert deepspeed_config(cfg, 8, 1, "cuda")["optimizer"]["params"]["fused"] is True
+    assert deepspeed_config(cfg, 8, 1, "cpu")["optimizer"]["params"]["fused"] is False
+    keys = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable")
+    for fused in (False, True):
+        for module in (train_plan, torch_engine_module):  # the DeepSpeed config's choice and the torch engine's
+            monkeypatch.setattr(module, "fused_adamw", lambda device, fused=fused: fused)
+        torch_engine, _ = build_engine(attack(), "cpu")
+        for stage in (0, 2):
+            ds_engine, _ = build_engine(attack(engine="deepspeed", zero_stage=stage), "cpu")
+            inner = ds_engine.ds.basic_optimizer  # under ZeRO's partitioning wrapper
+            assert type(inner) is type(torch_engine.opt) is torch.optim.AdamW
+            assert bool(inner.defaults["fused"]) is bool(torch_engine.opt.defaults["fused"]) is fused
+            assert {k: inner.defaults[k] for k in keys} == {k: torch_engine.opt.defaults[k] for k in keys}
+    # and the fused pair trains alike (what a GPU run compares)
+    ref_losses, ref_w = run_steps(attack(lr=0.5))
+    losses, w = run_steps(attack(engine="deepspeed", zero_stage=2, lr=0.5))
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-5
+    assert max((w[k] - ref_w[k]).abs().max().item() for k in ref_w) < 1e-5
+
+
 def test_bf16_trains_on_the_cpu_with_both_engines(dist_group):
     fp32, _ = run_steps(attack(), steps=1)
     for engine in ("torch", "deepspeed"):

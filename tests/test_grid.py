@@ -167,3 +167,25 @@ def test_unknown_profile_and_multi_anonymizer_cells_are_refused(tmp_path, capsys
     assert "cluster profile 'no-such-cluster' not found; known profiles: gpu-cluster, local, loopback" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="each cell needs exactly one anonymizer"):
         plan_grid(write_grid(tmp_path, axes={"backbone": ["test_convnext"]}))
+
+
+def test_only_rank_0_of_a_multi_task_training_job_logs_the_loss_curve(monkeypatch, tmp_path):
+    """A training stage on 2 nodes x 8 tasks runs run_stage in every task; 16 writers of one MLflow run (or
+    of the default sqlite file) race, so only rank 0 logs (tests/cluster/test_gpu_shape.py runs the shape)."""
+    from anonrisk.attack import dist
+    from anonrisk.launch import jobs
+    from anonrisk.pipeline import Pipeline
+    from anonrisk.stages import StageDir
+    from anonrisk.tracking import grid_mlflow
+
+    cfg = plan_grid("configs/grids/smoke.yaml", {"runs_dir": str(tmp_path / "runs")}, check=False).cells[0].config
+    monkeypatch.setattr(Pipeline, "train", lambda self, target, attack: StageDir(str(tmp_path), "train", "fp"))
+    logged = []
+    monkeypatch.setattr(grid_mlflow, "log_training", lambda grid_dir, cell, path, metric: logged.append(cell))
+    left = []
+    monkeypatch.setattr(dist, "leave_process_group", lambda: left.append(1))  # not this session's group
+    for rank in (3, 0):
+        monkeypatch.setattr(dist, "world", lambda rank=rank: (rank, 16))
+        jobs.run_stage("train", cfg.model_dump(mode="json"), str(tmp_path), "cell", ["cell", "other"], "contrastive")
+    assert logged == ["cell", "other"]  # rank 3 logged nothing, rank 0 both cells
+    assert len(left) == 2  # and every rank left the group together before its process exits

@@ -58,6 +58,23 @@ def read_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
     return DistEnv()
 
 
+def local_gpu_index(local_rank: int, visible: Optional[int] = None) -> int:
+    """Which of the GPUs this process sees is its own (``visible``: how many it sees, default
+    ``torch.cuda.device_count()``). ``srun --gpus-per-task=1`` (or a binding launcher) shows each task only
+    its own GPU, as index 0, whatever its local rank; ``--gpus-per-node=8`` with 8 tasks shows every task all
+    eight, and local rank r takes GPU r."""
+    if visible is None:
+        import torch
+
+        visible = torch.cuda.device_count()
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise ConfigError(f"local rank {local_rank} sees {visible} GPU(s): launch at most one task per GPU on a node "
+                          "(--ntasks-per-node <= --gpus-per-node, or --gpus-per-task=1)")
+    return local_rank
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,9 +99,14 @@ def init_process_group(backend: Optional[str] = None, env: Optional[DistEnv] = N
     # DeepSpeed and torch read these; set them for srun too so both agree with us
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    bound = {}
     if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank, world_size=env.world_size)
+        gpu = local_gpu_index(env.local_rank)
+        torch.cuda.set_device(gpu)
+        # bound to this rank's GPU: barriers and object collectives use it instead of guessing a device
+        bound["device_id"] = torch.device("cuda", gpu)
+    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+                            world_size=env.world_size, **bound)
     return env
 
 
@@ -98,7 +120,19 @@ def world() -> tuple[int, int]:
 
 
 def barrier() -> None:
+    """All ranks wait here. It runs on the group's device: nccl groups are bound to the rank's GPU at
+    ``init_process_group``."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def leave_process_group() -> None:
+    """Every rank leaves together before its process exits: a rank that exits with the group alive while
+    another still talks to it can abort ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()

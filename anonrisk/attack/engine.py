@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from anonrisk.attack.dist import init_process_group, world
+from anonrisk.attack.dist import init_process_group, local_gpu_index, world
 from anonrisk.attack.engine_base import Engine, build_model
 from anonrisk.attack.gradcache import full_batch_step, grad_cache_step, has_batchnorm
 from anonrisk.attack.losses import gathered_contrastive_loss
@@ -27,7 +27,7 @@ def build_engine(cfg: TrainConfig, device: str) -> tuple[Engine, Plan]:
     env = init_process_group(always=cfg.engine == "deepspeed")
     rank, world_size = world()
     if torch.device(device).type == "cuda" and world_size > 1:
-        device = f"cuda:{env.local_rank}"
+        device = f"cuda:{local_gpu_index(env.local_rank)}"  # cuda:0 when Slurm shows each task one GPU
     plan = validate_plan(cfg, device, world_size, rank)
     model = build_model(cfg)
     if (cfg.grad_cache_chunk is not None) and has_batchnorm(model) and not cfg.freeze_bn:

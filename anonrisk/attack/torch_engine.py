@@ -8,7 +8,7 @@ import torch
 
 from anonrisk.attack.dist import barrier
 from anonrisk.attack.engine_base import DTYPES, ContrastiveModel, Engine, fp32
-from anonrisk.attack.train_plan import Plan
+from anonrisk.attack.train_plan import Plan, fused_adamw
 from anonrisk.config.schema import TrainConfig
 from anonrisk.stages import atomic_path
 
@@ -35,7 +35,7 @@ class TorchEngine(Engine):
         if cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
-            fused = {"fused": True} if self.device.type == "cuda" else {}
+            fused = {"fused": True} if fused_adamw(self.device) else {}
             self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" else None
 

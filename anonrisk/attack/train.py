@@ -69,23 +69,26 @@ def step_seed(seed: int, step: int, *more: int) -> int:
     return int(np.random.default_rng([seed, step, *more]).integers(2**62))
 
 
-def _any_rank(flag: bool) -> bool:
+# Collectives run on the engine's device: nccl serves cuda tensors only, and a CPU tensor there raises
+# "No backend type associated with device type cpu" (tests/test_device_discipline.py).
+def _any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any (a signal reaches ranks at different steps)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
-    t = torch.tensor([float(flag)])
+    t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
 def _mean_over_ranks(x: torch.Tensor) -> float:
+    """The mean of a scalar over ranks, reduced on ``x``'s device (the engine's)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return float(x)
-    t = x.detach().float().cpu().reshape(1)
+    t = x.detach().float().reshape(1).clone()
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
 
@@ -158,7 +161,7 @@ def train_attack(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             done = step + 1
-            stopping = _any_rank(stop.set)
+            stopping = _any_rank(stop.set, dev)
             if done % cfg.checkpoint_every == 0 or stopping:
                 engine.save(ckpt_dir, done)
             if stopping and done < cfg.steps:
@@ -178,6 +181,6 @@ def train_attack(
 def load_encoder(cfg: TrainConfig, weights: str | Path, device: str = "cpu") -> Encoder:
     from safetensors.torch import load_file
 
-    model = Encoder(cfg.backbone, cfg.embed_dim, input=cfg.input)
+    model = Encoder(cfg.backbone, cfg.embed_dim, input=cfg.input, pretrained_normalization=cfg.pretrained is not None)
     model.load_state_dict(load_file(str(weights)))
     return model.to(device).eval()

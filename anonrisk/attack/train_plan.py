@@ -46,9 +46,21 @@ def deepspeed_preset_path(name: str) -> Path:
     raise ConfigError(f"train.deepspeed: no preset {name!r}; presets: {', '.join(known) or 'none'} (or give a .json/.yaml path)")
 
 
-def deepspeed_config(cfg: TrainConfig, per_rank_batch: int, world_size: int) -> dict[str, Any]:
+def fused_adamw(device) -> bool:
+    """Whether AdamW runs fused (one kernel over all parameters), the same on both engines: on CUDA yes.
+    DeepSpeed's presets get it as ``torch_adam`` + ``fused``, torch.optim.AdamW(fused=True) inside DeepSpeed,
+    the torch engine's own kernel (DeepSpeed's FusedAdam is another kernel, built as a CUDA op). On the CPU
+    torch has a fused AdamW too, but it rounds differently from the default loop (about 1 ulp per step):
+    CPU runs keep the default on both engines, so CPU results stay as they were."""
+    import torch
+
+    return torch.device(device).type == "cuda"
+
+
+def deepspeed_config(cfg: TrainConfig, per_rank_batch: int, world_size: int, device: str = "cpu") -> dict[str, Any]:
     """The DeepSpeed config actually used: the preset (``train.deepspeed``, default ``zero<zero_stage>``),
-    with batch sizes, optimizer hyper-parameters, precision and ``train.zero_stage`` filled from train.*"""
+    with batch sizes, optimizer hyper-parameters, precision and ``train.zero_stage`` filled from train.*;
+    a ``torch_adam`` AdamW fused exactly where the torch engine's is (``fused_adamw``) unless the preset says."""
     import yaml
 
     path = deepspeed_preset_path(cfg.deepspeed or f"zero{2 if cfg.zero_stage is None else cfg.zero_stage}")
@@ -73,6 +85,8 @@ def deepspeed_config(cfg: TrainConfig, per_rank_batch: int, world_size: int) -> 
     opt["type"] = {"adamw": "AdamW", "sgd": "SGD"}[cfg.optimizer]
     params = {k: v for k, v in dict(opt.get("params", {})).items() if cfg.optimizer == "adamw" or k not in ("torch_adam", "betas", "eps")}
     params.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw" and params.get("torch_adam"):
+        params.setdefault("fused", fused_adamw(device))  # DeepSpeed hands it to torch.optim.AdamW
     if cfg.optimizer == "sgd":
         params["momentum"] = cfg.momentum
     opt["params"] = params
@@ -137,7 +151,7 @@ def validate_plan(cfg: TrainConfig, device: str, world_size: int = 1, rank: int 
             import deepspeed  # noqa: F401
         except ImportError:
             raise ConfigError("train.engine=deepspeed needs DeepSpeed: pip install 'anonrisk[deepspeed]'") from None
-        plan.ds_config = deepspeed_config(cfg, per_rank, world_size)
+        plan.ds_config = deepspeed_config(cfg, per_rank, world_size, device)
         plan.zero_stage = int(plan.ds_config["zero_optimization"]["stage"])
         if plan.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage: ZeRO stage {plan.zero_stage} does not exist (0, 1, 2 or 3)")

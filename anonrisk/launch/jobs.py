@@ -65,10 +65,14 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
     if stage == "anonymize":
         return {"stage": stage, "path": str(pipe.anonymize(target).path)}
     if stage == "train":
-        path = pipe.train(target, attack).path
+        from anonrisk.attack.dist import leave_process_group, world
+
+        path = pipe.train(target, attack).path  # every task of a multi-task job is one training rank
         metric = "train.loss" if len(target.trained()) == 1 else f"train.{attack}.loss"
-        for cid in cells:
-            grid_mlflow.log_training(Path(grid_dir), cid, path, metric)
+        if world()[0] == 0:  # one rank logs: 16 ranks writing one run (or one sqlite file) race
+            for cid in cells:
+                grid_mlflow.log_training(Path(grid_dir), cid, path, metric)
+        leave_process_group()  # the job's processes exit next
         return {"stage": stage, "path": str(path)}
     if stage == "evaluate":
         from anonrisk.stages import write_json

@@ -1,6 +1,8 @@
 """Session fixtures that bring up real services on 127.0.0.1 for the tests in this folder.
 
-- ``slurm_cluster``: a one-node Slurm cluster with slurmdbd/MariaDB accounting (``slurm/cluster.sh``).
+- ``slurm_cluster``: a Slurm cluster with slurmdbd/MariaDB accounting (``slurm/cluster.sh``): this host as a
+  2-CPU node (partition ``debug``, the default) and two fake-GPU nodes ``n1``, ``n2`` (partition ``gpu``:
+  8 GRES GPUs, 128 CPUs, 1 TiB each; one slurmd per node, all on this host).
 - ``mlflow_server``: an MLflow tracking server with a sqlite store (``slurm/mlflow_server.sh``).
 
 Both install what is missing (the Debian packages need root; CI runs as root on a fresh Debian machine),
@@ -74,6 +76,12 @@ def _read_pids(run_dir: Path, names: Iterable[str]) -> Dict[str, int]:
     return pids
 
 
+def _slurm_pids(run_dir: Path) -> Dict[str, int]:
+    """The PIDs cluster.sh recorded: its daemons plus one slurmd per fake-GPU node (slurmd-n1.pid, ...)."""
+    nodes = sorted(p.name[: -len(".pid")] for p in run_dir.glob("slurmd-*.pid"))
+    return _read_pids(run_dir, [*DAEMONS, *nodes])
+
+
 def _sourced_env(script: Path) -> Dict[str, str]:
     """The variables a client gets from `source script`: only those it sets or changes."""
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")}
@@ -92,6 +100,7 @@ def _tail(path: Path, n: int = 40) -> str:
 
 # --------------------------------------------------------------------------------------------- Slurm
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
+GPU_NODES = 2  # fake-GPU nodes n1..n2 beside this host's node (ANONRISK_SLURM_GPU_NODES)
 
 
 @dataclass
@@ -145,8 +154,8 @@ class SlurmCluster:
 
     def up_again(self) -> subprocess.CompletedProcess:
         """`cluster.sh up` on this (live) cluster dir: a restart on the same data, with new PIDs."""
-        out = _run(["bash", str(CLUSTER_SH), "up", str(self.dir)], timeout=180)
-        self.pids = _read_pids(self.dir / "run", DAEMONS)
+        out = _run(["bash", str(CLUSTER_SH), "up", str(self.dir)], timeout=180, env=_cluster_env())
+        self.pids = _slurm_pids(self.dir / "run")
         return out
 
     @staticmethod
@@ -158,7 +167,8 @@ class SlurmCluster:
         if job_id:
             parts.append(self.run("scontrol", "show", "job", str(job_id), check=False).stdout)
         parts.append("--- slurmctld.log\n" + _tail(self.dir / "log" / "slurmctld.log", 25))
-        parts.append("--- slurmd.log\n" + _tail(self.dir / "log" / "slurmd.log", 15))
+        for log in sorted((self.dir / "log").glob("slurmd.*.log")):
+            parts.append(f"--- {log.name}\n" + _tail(log, 15))
         return "\n".join(parts)
 
 
@@ -182,6 +192,10 @@ def _check_stopped(pids: Dict[str, int], what: str) -> None:
     assert not left, f"{what}: still alive after down: {left}"
 
 
+def _cluster_env() -> Dict[str, str]:
+    return {**os.environ, "ANONRISK_SLURM_GPU_NODES": str(GPU_NODES)}
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     _ensure_slurm_installed()
@@ -189,8 +203,8 @@ def slurm_cluster(tmp_path_factory):
     pids: Dict[str, int] = {}
     t = time.monotonic()
     try:
-        out = _run(["bash", str(CLUSTER_SH), "up", str(d)], timeout=180)
-        pids = _read_pids(d / "run", DAEMONS)
+        out = _run(["bash", str(CLUSTER_SH), "up", str(d)], timeout=180, env=_cluster_env())
+        pids = _slurm_pids(d / "run")
         if out.returncode != 0:
             logs = "\n".join(f"--- {p.name}\n{_tail(p, 15)}" for p in sorted((d / "log").glob("*")))
             pytest.fail(f"cluster.sh up failed (rc {out.returncode}):\n{out.stdout}\n{out.stderr}\n{logs}",
@@ -204,7 +218,7 @@ def slurm_cluster(tmp_path_factory):
                 mp.setenv(k, v)
             yield cluster
     finally:
-        pids = {**{f"{n}(first)": p for n, p in pids.items()}, **_read_pids(d / "run", DAEMONS)}  # + restarts
+        pids = {**{f"{n}(first)": p for n, p in pids.items()}, **_slurm_pids(d / "run")}  # + restarts
         t = time.monotonic()
         down = _run(["bash", str(CLUSTER_SH), "down", str(d)], timeout=120)
         record_timing("slurm: cluster down", time.monotonic() - t)

@@ -153,7 +153,7 @@ def test_cluster_config(slurm_cluster):
     assert conf["MaxArraySize"] == str(slurm_cluster.max_array_size)
     assert conf["AccountingStorageType"] == "accounting_storage/slurmdbd"
     assert f"cred_expire={slurm_cluster.env['ANONRISK_SLURM_CRED_EXPIRE']}" in conf["AuthInfo"]
-    node = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N %c %t").stdout.split()
+    node = slurm_cluster.run("sinfo", "-h", "-N", "-p", slurm_cluster.partition, "-o", "%N %c %t").stdout.split()
     assert node[1] == "2" and node[2] in ("idle", "mix", "alloc"), node
     clusters = slurm_cluster.run("sacctmgr", "-n", "-P", "show", "cluster", "format=cluster").stdout.split()
     assert slurm_cluster.env["ANONRISK_SLURM_CLUSTER"] in clusters
