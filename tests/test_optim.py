@@ -57,13 +57,14 @@ def one_tensor_step(opt_cls, w0, g, **kw):
 
 
 def test_lars_matches_a_hand_computed_step():
-    # ||w|| = 5, ||g|| = 1, wd 0.1: local = 0.001 * 5 / (1 + 0.1 * 5) = 1/300; d = local * (g + 0.1 w)
-    w, opt = one_tensor_step(LARS, [[3.0, 4.0]], [[0.6, 0.8]], lr=2.0, momentum=0.9, weight_decay=0.1, eps=0.0)
-    d1 = torch.tensor([[0.9, 1.2]], dtype=torch.float64) / 300
+    # ||w|| = 5, ||g|| = 1 (orthogonal to w), wd 0.1: local = 0.001 * 5 / (1 + 0.1 * 5) = 1/300, the paper's
+    # ratio (not 1/||g + wd w||); d = local * (g + 0.1 w)
+    w, opt = one_tensor_step(LARS, [[3.0, 4.0]], [[0.8, -0.6]], lr=2.0, momentum=0.9, weight_decay=0.1, eps=0.0)
+    d1 = torch.tensor([[1.1, -0.2]], dtype=torch.float64) / 300
     assert torch.allclose(w, torch.tensor([[3.0, 4.0]], dtype=torch.float64) - 2.0 * d1, atol=1e-15, rtol=0)
     # second step: same gradient, the momentum buffer is 0.9 * d1 + d2
     p = opt.param_groups[0]["params"][0]
-    p.grad = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    p.grad = torch.tensor([[0.8, -0.6]], dtype=torch.float64)
     w_before = p.detach().clone()
     d2 = 0.001 * w_before.norm() / (1 + 0.1 * w_before.norm()) * (p.grad + 0.1 * w_before)
     opt.step()
