@@ -106,7 +106,7 @@ def test_ranks_simulated_by_slicing_give_the_global_loss_and_gradients(mode):
     for r in range(world):
         rows = slice(r * per, (r + 1) * per)
         lab_local, lab_all = (None, None) if mode == "pair" else (labels[rows], labels)
-        part = tiled_local_rows_loss(a[rows], b[rows], a, b, t, lab_local, lab_all, tile=3)
+        part = tiled_local_rows_loss(a[rows], b[rows], a, b, t, lab_local, lab_all, tile=3, offset=r * per)
         untiled = local_rows_loss(a[rows], b[rows], a, b, t, labels[rows] if mode == "identity" else torch.arange(12)[rows],
                                   labels if mode == "identity" else torch.arange(12))
         assert abs(part.item() - untiled.item()) < TOL
