@@ -84,8 +84,8 @@ def make_step(spec: dict, device):
     engine, _ = build_engine(cfg, str(device))
 
     def images(start: int, side: int):  # the same uint8 rows on every call (embedding pass and re-run)
-        g = torch.Generator().manual_seed(1_000_003 * side + start)
-        return torch.randint(0, 256, (chunk, 3, size, size), generator=g, dtype=torch.uint8).to(device)
+        g = torch.Generator(device=device).manual_seed(1_000_003 * side + start)  # made on the device: no copy
+        return torch.randint(0, 256, (chunk, 3, size, size), generator=g, dtype=torch.uint8, device=device)
 
     if spec.get("inputs") == "resident":
         whole = [torch.cat([images(i, side) for i in range(0, b, chunk)]) for side in (0, 1)]

@@ -1,14 +1,14 @@
 """Tiled contrastive losses: the losses of ``losses.py`` without ever holding an N x M similarity matrix.
 
 Both objectives are ``mean_i [logsumexp_j s_ij - mean_{j in pos(i)} s_ij]`` per direction, with
-``s = x y^T / t``. The positive term is linear in ``s``, so it needs no matrix at all: for pairs it is the
-row-wise dot product, for identities it is the dot product of per-identity sums (``sum_i x_i . y_j`` over
-positives = ``X_l . Y_l`` for the identity sums ``X_l``, ``Y_l``). Only the log-sum-exp couples every
-row with every column, and ``_TiledLogSumExp`` computes it tile by tile with an online log-sum-exp
-(Inf-CL, arXiv 2410.17243): forward keeps only the (N,) log-sum-exp vectors, backward recomputes each tile
-of ``s`` and of the softmax from them. Memory is O((N + M) d + tile^2); compute is one extra tile matmul
-per pass over the untiled loss. The single-process symmetric loss gets both directions from one pass
-(the row log-sum-exp of ``s`` and of ``s^T`` from the same tiles).
+``s = x y^T / t``. The positive term is linear in ``s``, so it needs no matrix: for pairs it is a row-wise
+dot product, for identities ``x_i . Y_id(i) / count`` with ``Y_l`` the sum of identity l's columns. Only the
+log-sum-exp couples every row with every column: ``_TiledInfoNCE`` computes it tile by tile with an online
+log-sum-exp (Inf-CL, arXiv 2410.17243); forward keeps only the (N,) and (M,) log-sum-exp vectors, backward
+rebuilds each tile of ``s`` and of the softmax from them and writes the gradients (positive terms included)
+into one (N, d) and one (M, d) buffer. Memory is O((N + M) d + tile^2); compute is one extra tile matmul
+per tile over the untiled loss. The single-process symmetric loss gets both directions from one pass (row
+and column log-sum-exp of the same tiles).
 
 Precision: on CUDA the tile matmuls run in bf16 with fp32 output (``torch.mm(..., out_dtype=float32)``)
 and the log-sum-exp and gradients accumulate in fp32; elsewhere (and for float64 inputs) everything stays
@@ -161,8 +161,9 @@ class _TiledInfoNCE(torch.autograd.Function):
         for g in (gx, gy):
             if g is not None:
                 g.mul_(inv_t)
-        if need_t:  # ds/dt = -s/t, so dL/dt = -(1/t) sum_i x_i . dL/dx_i
-            grad_t = (-(x.to(acc) * gx).sum() * inv_t).reshape(t.shape).to(t.dtype)
+        if need_t:  # ds/dt = -s/t, so dL/dt = -(1/t) sum_i x_i . dL/dx_i (tile by tile: no (N, d) temporary)
+            dot = sum((x[i0:i1].to(acc) * gx[i0:i1]).sum() for i0, i1 in row_tiles)
+            grad_t = (-dot * inv_t).reshape(t.shape).to(t.dtype)
         return (gx.to(x.dtype) if ctx.needs_input_grad[0] else None, gy.to(y.dtype) if need_y else None,
                 grad_t, None, None, None, None)
 
