@@ -8,7 +8,8 @@
 Written to merge into ``train_throughput.py`` once the engines take a loss tile: it reuses that script's
 peak-RSS monitor and markdown layout (``- NAME (...): **N pairs**``, "tiled" in the tiled rows' names),
 and its steps are the engine's GradCache step (``build_engine`` + ``grad_cache_step`` + ``step``) with the
-loss swapped, as ``contrastive_step`` will do with ``loss_tile`` set. Differences from train_throughput:
+loss swapped, as ``contrastive_step`` will do with ``loss_tile`` set (the tiled loss takes the chunk
+embeddings as row blocks, so no concatenated copy of the batch is made). Differences from train_throughput:
 - inputs are made per GradCache chunk from a seed (``--inputs streamed``, the default), as a loader reading
   from disk would, so a batch of 10^5 to 10^6 images never sits in memory; ``--inputs resident`` keeps the
   whole uint8 batch on the device, as train_throughput does (its images then count against the cap);
@@ -95,11 +96,10 @@ def make_step(spec: dict, device):
     inputs = [make(i) for i in range(0, b, chunk)]
 
     def loss_fn(embs, t):
-        a = torch.cat([e[: e.shape[0] // 2] for e in embs])
-        p = torch.cat([e[e.shape[0] // 2:] for e in embs])
-        if tile:
+        a, p = [e[: e.shape[0] // 2] for e in embs], [e[e.shape[0] // 2:] for e in embs]
+        if tile:  # the chunks' halves as row blocks: the tiled loss never concatenates them
             return tiled_gathered_loss(a, p, t.float(), None, tile=tile)
-        return gathered_contrastive_loss(a, p, t.float(), None)
+        return gathered_contrastive_loss(torch.cat(a), torch.cat(p), t.float(), None)
 
     def step():
         grad_cache_step(engine.forward, inputs, loss_fn, engine.backward, engine.chunk)

@@ -66,6 +66,23 @@ def test_tiled_loss_and_gradients_equal_the_untiled_loss(n, tile, mode):
     assert_same(ref, got)
 
 
+@pytest.mark.parametrize("mode", ["pair", "identity"])
+def test_row_blocks_are_read_as_one_matrix_without_concatenation(mode):
+    """``a`` and ``b`` as lists of uneven row blocks (as GradCache's chunks arrive; tiles of 4 cross block
+    boundaries): same loss and gradients as the concatenated tensors, each block getting its own rows'."""
+    a0, b0 = embeddings(13, seed=6)
+    labels = None if mode == "pair" else uneven_labels(13, seed=6)
+    ref = loss_and_grads(contrastive_loss, a0, b0, labels=labels)
+    sizes = [3, 1, 5, 4]
+    a_blocks = [x.clone().requires_grad_() for x in a0.split(sizes)]
+    b_blocks = [x.clone().requires_grad_() for x in b0.split([6, 7])]
+    t = torch.tensor([0.07], dtype=torch.float64, requires_grad=True)
+    loss = tiled_contrastive_loss(a_blocks, b_blocks, t, labels, tile=4)
+    grads = torch.autograd.grad(loss, [*a_blocks, *b_blocks, t])
+    got = (loss, torch.cat(grads[:4]), torch.cat(grads[4:6]), grads[6])
+    assert_same(ref, got)
+
+
 def test_identity_mode_with_more_columns_than_rows_and_a_float_temperature():
     """``b`` with more rows than ``a`` (``labels_b`` for its columns), as ``contrastive_loss`` allows."""
     a, b = embeddings(6, m=11, seed=3)
@@ -179,12 +196,14 @@ def test_bad_arguments_are_one_line_errors():
         tiled_contrastive_loss(a, b, 0.1)
     with pytest.raises(ValueError, match="one value"):
         tiled_contrastive_loss(a, a, torch.ones(2))
+    with pytest.raises(ValueError, match="row blocks of equal D"):
+        tiled_contrastive_loss([a, a[:, :3]], [a, a], 0.1)
 
 
 def test_grad_cache_with_the_tiled_loss_equals_plain_backprop_with_the_untiled_loss():
-    """GradCache (chunks of 2 pairs) + tiled loss (tiles of 3: ragged) vs one full-batch backward + the
-    untiled loss, on a LayerNorm ConvNeXt with a learnable temperature: parameter gradients within 1e-5
-    (fp32: GradCache caches fp32 embeddings)."""
+    """GradCache (chunks of 2 pairs) + tiled loss (tiles of 3: ragged), on concatenated embeddings and on
+    the chunks as row blocks, vs one full-batch backward + the untiled loss, on a LayerNorm ConvNeXt with a
+    learnable temperature: parameter gradients within 1e-5 (fp32: GradCache caches fp32 embeddings)."""
     from anonrisk.attack.engine import ContrastiveModel
     from anonrisk.attack.gradcache import full_batch_step, grad_cache_step
     from anonrisk.attack.model import Encoder
@@ -209,11 +228,16 @@ def test_grad_cache_with_the_tiled_loss_equals_plain_backprop_with_the_untiled_l
 
     ref_loss, ref = grads(full_batch_step, torch.cat([anon, orig]), loss_fn(contrastive_loss))
     chunks = [torch.cat([anon[i:i + 2], orig[i:i + 2]]) for i in range(0, 8, 2)]
-    got_loss, got = grads(grad_cache_step, chunks, loss_fn(tiled_gathered_loss, tile=3))
-    assert set(got) == set(ref) and "log_t" in got
-    assert abs(ref_loss - got_loss) < 1e-5
-    worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
-    assert worst < 1e-5, worst
+
+    def blocks_fn(embs, t):  # the chunks' halves as row blocks: no concatenated copy of the batch
+        return tiled_gathered_loss([e[: len(e) // 2] for e in embs], [e[len(e) // 2:] for e in embs], t, labels, tile=3)
+
+    for f in (loss_fn(tiled_gathered_loss, tile=3), blocks_fn):
+        got_loss, got = grads(grad_cache_step, chunks, f)
+        assert set(got) == set(ref) and "log_t" in got
+        assert abs(ref_loss - got_loss) < 1e-5
+        worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
+        assert worst < 1e-5, worst
     assert max(v.abs().max().item() for v in ref.values()) > 1e-3
 
 
