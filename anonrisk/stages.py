@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,14 +31,25 @@ def record_seed(global_seed: int, record_id: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def _create_temp_beside(path: Path) -> Path:
+    """A new empty file beside ``path``, created with mode 0666 so the user's umask decides its final mode
+    (``tempfile.mkstemp`` makes every file 0600: colleagues on a shared cluster could not read results)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temp_beside(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -76,7 +87,13 @@ class StageDir:
         return self
 
     def mark_done(self, summary: Any = None) -> None:
-        write_json(self.path / DONE, summary if summary is not None else {})
+        """Write DONE: the stage's summary plus ``made_by``, the program that made it (results say how
+        every reused stage was made, not only the last report)."""
+        from anonrisk.environment import made_by
+
+        summary = dict(summary or {})
+        summary.setdefault("made_by", made_by())
+        write_json(self.path / DONE, summary)
 
     def __repr__(self) -> str:
         return f"StageDir({self.stage}:{self.fingerprint})"

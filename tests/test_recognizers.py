@@ -42,6 +42,18 @@ def test_dlib_descriptors_are_stable_and_separate_people():
     assert d[0, 1] < 0.45 < 0.6 < d[0, 2]  # dlib's same-person line is 0.6
 
 
+def test_euclidean_similarity_of_a_descriptor_to_itself_is_zero():
+    """dlib's metric is a distance: float32 |a|^2 + |b|^2 - 2ab cancels to ~1e-7 on equal rows and the square
+    root turns that into ~1e-3, enough to fail the real-face test above on some CPUs. Computed in float64 the
+    self-distance is below 1e-6 (tolerance: float64 rounding of 128-d unit-scale vectors, times the root)."""
+    rec = build_recognizer({"model": "dlib"})
+    x = np.random.default_rng(0).normal(0, 0.09, (64, 128)).astype(np.float32)  # dlib-like scale (|x| ~ 1)
+    d = -rec.similarity(x, x)
+    assert np.abs(np.diag(d)).max() < 1e-6, np.abs(np.diag(d)).max()
+    brute = np.sqrt(((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1))  # no cancellation
+    np.testing.assert_allclose(d, brute, atol=1e-6)
+
+
 def test_dlib_missing_models_is_unavailable_with_the_path(tmp_path):
     rec = build_recognizer({"model": "dlib", "models_dir": str(tmp_path / "nowhere")})
     with pytest.raises(Unavailable, match=r"weights not found in .*nowhere.*dlib_face_recognition_resnet_model_v1.dat"):

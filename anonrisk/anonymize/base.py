@@ -37,6 +37,11 @@ class Anonymizer(abc.ABC):
     def __call__(self, images: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
         """Anonymize ``images`` (N,H,W,3 uint8); returns the same shape and dtype."""
 
+    def runtime(self) -> dict[str, Any]:
+        """How this worker actually ran it after ``setup`` (device, dtype, attention backend): recorded in
+        the stage's shard markers and DONE, and in the results' ``environment`` block; never fingerprinted."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """What identifies this anonymizer's output (goes into the stage fingerprint)."""
         return {"class": type(self).__name__, "version": self.version, "params": self.params}

@@ -247,6 +247,7 @@ class Models:
     scheduler_config: dict
     controlnets: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    attention: str = "sdpa"  # the attention backend _optimize actually enabled
 
     @property
     def vae_factor(self) -> int:
@@ -415,6 +416,8 @@ class DiffusionAnonymizer(Anonymizer):
     def _load(self, dev) -> Models:
         import torch
 
+        from anonrisk.weights import own_aligned_
+
         p = self.p
         dtype = self._dtype(dev)
         arch = random_arch(p.model)
@@ -445,6 +448,7 @@ class DiffusionAnonymizer(Anonymizer):
         m = Models(dev, dtype, unet, vae, te, tok, sched_cfg, controlnets)
         m.extra = self._load_extra(dtype)
         for mod in self._modules(m):
+            own_aligned_(mod)  # loaded weights sit unaligned in the file buffer: see weights.own_aligned_
             mod.requires_grad_(False).eval().to(dev)
             if mod.dtype != dtype:
                 mod.to(dtype=dtype)
@@ -466,6 +470,15 @@ class DiffusionAnonymizer(Anonymizer):
         """Subclass hook: more networks (stored in ``Models.extra``)."""
         return {}
 
+    def runtime(self) -> dict:
+        if self.m is None:
+            return {}
+        p, m = self.p, self.m
+        from anonrisk.devices import device_name
+
+        return {"device": device_name(m.device), "dtype": str(m.dtype).removeprefix("torch."), "attention": m.attention,
+                "compile": bool(p.compile), "fuse_qkv": bool(p.fuse_qkv)}
+
     @staticmethod
     def _modules(m: Models) -> list:
         return [m.unet, m.vae, m.text_encoder, *m.controlnets, *m.extra.values()]
@@ -476,11 +489,13 @@ class DiffusionAnonymizer(Anonymizer):
 
         p = self.p
         nets = [m.unet, *m.controlnets, *m.extra.values()]
+        m.attention = "sdpa"
         if p.attention in ("auto", "xformers"):
             ok, why = xformers_usable(m.device)
             if ok:
                 for net in nets + [m.vae]:
                     net.enable_xformers_memory_efficient_attention()
+                m.attention = "xformers"
                 log.info("attention: xformers")
             elif p.attention == "xformers":
                 log.warning("attention: xformers requested but its kernels do not run on %s (%s); using SDPA", m.device, why)

@@ -20,7 +20,7 @@ from anonrisk.anonymize.base import Anonymizer
 from anonrisk.config.schema import AnonymizeConfig, AnonymizerSpec
 from anonrisk.data.io import load_batch, save_image
 from anonrisk.data.records import FaceRecord, write_manifest
-from anonrisk.stages import StageDir, fingerprint, record_seed, write_json
+from anonrisk.stages import StageDir, fingerprint, read_json, record_seed, write_json
 
 
 def output_path(out_dir: Path, record: FaceRecord) -> Path:
@@ -99,7 +99,7 @@ def run_shard(
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return {"records": len(records), "computed": len(todo), "seconds": time.perf_counter() - t0}
+    return {"records": len(records), "computed": len(todo), "seconds": time.perf_counter() - t0, "runtime": anonymizer.runtime()}
 
 
 def finish_stage(stage: StageDir, records: Sequence[FaceRecord], summary: dict) -> None:
@@ -109,7 +109,13 @@ def finish_stage(stage: StageDir, records: Sequence[FaceRecord], summary: dict) 
         raise RuntimeError(f"{stage}: {len(missing)} records have no output, e.g. {missing[:3]}")
     out = [FaceRecord(r.id, r.identity, str(output_path(stage.path, r)), r.split, {"source": r.path}) for r in records]
     write_manifest(stage / "manifest.jsonl", out)
-    stage.mark_done(summary)
+    # every distinct way a worker ran it (a resumed or mixed-device stage can have several)
+    runtimes = []
+    for marker in sorted(stage.path.glob("shards/*.json")) if (stage.path / "shards").is_dir() else []:
+        rt = read_json(marker).get("runtime")
+        if rt is not None and rt not in runtimes:
+            runtimes.append(rt)
+    stage.mark_done({**summary, "runtime": runtimes})
 
 
 def anonymize_local(

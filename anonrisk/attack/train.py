@@ -110,6 +110,7 @@ def train_attack(
 
     from anonrisk.attack.dist import barrier
     from anonrisk.attack.engine import build_engine, contrastive_step
+    from anonrisk.devices import device_name
 
     weights = stage / "encoder.safetensors"
     if stage.is_done():
@@ -172,7 +173,7 @@ def train_attack(
     if main:
         save_file(state, str(weights))
         stage.mark_done({"steps": cfg.steps, "resumed_from": start, "seconds": time.perf_counter() - t0, "temperature": temperature,
-                         "engine": plan.engine, "world_size": plan.world_size, "zero_stage": plan.zero_stage,
+                         "engine": plan.engine, "device": device_name(dev), "world_size": plan.world_size, "zero_stage": plan.zero_stage,
                          "precision": plan.precision, "grad_cache_chunk": plan.chunk})
     barrier()
     return weights

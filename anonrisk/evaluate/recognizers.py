@@ -50,6 +50,9 @@ class Recognizer(abc.ABC):
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if self.metric == "cosine":
             return a @ b.T
+        # float64: in float32 |a|^2 + |b|^2 - 2ab cancels to ~1e-6 for equal rows, and the square root
+        # makes that a distance of ~1e-3 whose sign and size depend on the CPU's BLAS kernels
+        a, b = a.astype(np.float64), b.astype(np.float64)
         d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
         return -np.sqrt(np.maximum(d2, 0))
 

@@ -87,16 +87,45 @@ def report_markdown(cfg: RunConfig, results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+#: what a train stage's DONE says about how it ran
+TRAIN_RUNTIME_KEYS = ("engine", "device", "precision", "world_size", "zero_stage", "grad_cache_chunk", "seconds", "made_by")
+
+
+def _done(runs_dir: str, stage: str, fp: str | None) -> dict:
+    path = Path(runs_dir, stage, fp, "DONE") if fp else None
+    return read_json(path) if path is not None and path.exists() else {}
+
+
+def stage_runtime(runs_dir: str, results: dict[str, Any]) -> dict[str, Any]:
+    """How each anonymizer's stages really ran, read from their DONE summaries: the anonymize stage's
+    workers (device, dtype, attention backend) and every trained attack's engine, device and precision."""
+    out = {}
+    for name, card in results.items():
+        anon = _done(runs_dir, "anonymize", card.get("fingerprints", {}).get("anonymize"))
+        entry: dict[str, Any] = {"anonymize": {"runtime": anon.get("runtime", []), "runner": anon.get("runner"), "made_by": anon.get("made_by")}}
+        for attack, result in card.get("attacks", {}).items():
+            train = _done(runs_dir, "train", result.get("fingerprints", {}).get("train"))
+            if train:
+                entry.setdefault("train", {})[attack] = {k: train[k] for k in TRAIN_RUNTIME_KEYS if k in train}
+        out[name] = entry
+    return out
+
+
 def write_report(cfg: RunConfig, data_stage: StageDir, results: dict[str, Any]) -> dict:
+    from anonrisk.environment import environment
+
     out = Path(cfg.results_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
+    data_done = read_json(data_stage / "DONE")
+    made_by = data_done.pop("made_by", None)
     doc = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "run": cfg.name,
         "anonrisk_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "data": {"fingerprint": data_stage.fingerprint, **read_json(data_stage / "DONE")},
+        "environment": environment({"prepare": {"made_by": made_by}, "anonymizers": stage_runtime(cfg.runs_dir, results)}),
+        "data": {"fingerprint": data_stage.fingerprint, **data_done},
         "config": cfg.model_dump(mode="json"),
         "results": results,
     }
@@ -104,7 +133,9 @@ def write_report(cfg: RunConfig, data_stage: StageDir, results: dict[str, Any]) 
     if previous.exists():
         old = read_json(previous)
         if old.get("results") == doc["results"] and old.get("config") == doc["config"]:
-            doc["created"] = old["created"]  # nothing changed: keep the file byte-identical
+            # nothing changed: keep the file byte-identical (the stages' own made_by say what made them)
+            doc["created"] = old["created"]
+            doc["environment"] = old.get("environment", doc["environment"])
     write_json(out / "metrics.json", doc)
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
