@@ -25,7 +25,11 @@ def quickstart(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quickstart")
     cfg = quick_cfg(tmp, f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db")
     t0 = time.perf_counter()
-    doc = Pipeline(cfg).run()
+    old_umask = os.umask(0o022)  # the usual default: results must come out group- and world-readable
+    try:
+        doc = Pipeline(cfg).run()
+    finally:
+        os.umask(old_umask)
     print(f"\nquickstart pipeline: {time.perf_counter() - t0:.0f} s")
     return tmp, cfg, doc
 
@@ -36,18 +40,21 @@ def top1(doc, name, key=MAIN, attack="contrastive"):
 
 @pytest.mark.slow
 def test_known_answers(quickstart):
-    _, _, doc = quickstart
+    _, cfg, doc = quickstart
+    assert cfg.train.input == "rgb"  # the paper's attacker: the image only, no edge front end
     chance = top1(doc, "noise")["chance"]
-    assert top1(doc, "identity", "full-ref/linkage")["value"] >= 0.95
+    linkage = top1(doc, "identity", "full-ref/linkage")["value"]
+    assert linkage >= 0.95  # the upper bound: a probe identical to one reference
     noise = top1(doc, "noise")
     lo, hi = noise["chance_ci95"]  # what a chance-level attacker scores on as many probes, 95 % of the time
     assert lo <= noise["value"] <= hi, noise
-    ident = top1(doc, "identity")["value"]
     for name in ("blur", "pixelate"):
-        v = top1(doc, name)["value"]
-        assert noise["value"] < v < ident, (name, v)
+        v = top1(doc, name)
+        assert v["ci95"][0] > hi and v["value"] < linkage, (name, v)
+    # the finding: a redraw that keeps the edges looks like a stranger yet is re-identified far above chance
+    # by the RGB-only attacker (its whole interval above the chance interval)
     resynth = top1(doc, "resynth")
-    assert resynth["value"] >= 5 * chance and resynth["ci95"][0] > noise["ci95"][1] + 0.2, resynth
+    assert resynth["ci95"][0] > hi and resynth["value"] >= 5 * chance, resynth
     # the mechanism: resynthesis keeps edges (leakage) where noise does not, and an attacker with no access
     # to the anonymizer finds people by their edges alone
     assert top1(doc, "resynth", attack="edge")["ci95"][0] > top1(doc, "resynth", attack="edge")["chance_ci95"][1]
@@ -60,6 +67,13 @@ def test_results_dir_and_mlflow(quickstart):
     out = Path(doc["results_dir"])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["schema"] == "anonrisk.results" and saved["schema_version"] == 2
+    env = saved["environment"]  # how the numbers were made
+    assert env["packages"]["torch"] and env["packages"]["diffusers"] and "commit" in env["git"]
+    train = env["stages"]["anonymizers"]["resynth"]["train"]["contrastive"]
+    assert train["device"].startswith("cpu") and train["precision"] == "fp32" and train["engine"] == "torch"
+    assert env["stages"]["anonymizers"]["resynth"]["anonymize"]["runtime"]
+    for f in out.rglob("*"):  # written under umask 022: readable by the group and others
+        assert f.stat().st_mode & 0o044 == 0o044, (f, oct(f.stat().st_mode))
     assert (out / "report.md").read_text().count("| resynth |") == 1
     assert (out / "plots" / "reid.png").stat().st_size > 1000 and (out / "plots" / "leakage_vs_reid.png").exists()
     from mlflow import MlflowClient

@@ -39,8 +39,9 @@ class Anonymizer(Kind, abc.ABC):
 
     def runtime(self) -> dict[str, Any]:
         """How this worker actually ran it after ``setup`` (device, dtype, attention backend): recorded in
-        the stage's shard markers and DONE, and in the results' ``environment`` block; never fingerprinted."""
-        return {}
+        the stage's shard markers and DONE, and in the results' ``environment`` block; never fingerprinted.
+        The default: NumPy on the CPU (the classical kinds)."""
+        return {"device": "cpu", "backend": "numpy"}
 
     def describe(self) -> dict[str, Any]:
         """What identifies this anonymizer's output (goes into the stage fingerprint)."""
