@@ -189,3 +189,27 @@ def test_only_rank_0_of_a_multi_task_training_job_logs_the_loss_curve(monkeypatc
         jobs.run_stage("train", cfg.model_dump(mode="json"), str(tmp_path), "cell", ["cell", "other"], "contrastive")
     assert logged == ["cell", "other"]  # rank 3 logged nothing, rank 0 both cells
     assert len(left) == 2  # and every rank left the group together before its process exits
+
+
+def test_dependencies_are_per_task_so_a_failure_cancels_only_its_descendants():
+    """A Slurm array has one dependency for all its tasks: nodes are grouped by the exact upstream tasks
+    they wait for (tests/cluster/test_grid_failure.py runs a failing cell on the real cluster)."""
+    from anonrisk.launch.driver import dependency_groups
+    from anonrisk.launch.grid import Node
+
+    def nodes(*deps):
+        return [Node("x", f"n{i}", "c", list(d)) for i, d in enumerate(deps)]
+
+    def groups(todo, live, arrays):
+        return [(dep, [n.key for n in group]) for dep, group in dependency_groups(todo, live, arrays)]
+
+    live = {"a0": "7_0", "a1": "7_1", "a2": "7_2", "old": "3_5", "single": "9", "done-elsewhere": "4"}
+    arrays = {"7": ["a0", "a1", "a2"]}
+    # two trainings per anonymization: one array per anonymization task, never the whole array
+    assert groups(nodes(["a0"], ["a0"], ["a1"], ["a1"]), live, arrays) == [("afterok:7_0", ["n0", "n1"]), ("afterok:7_1", ["n2", "n3"])]
+    # one downstream node per task of an array submitted now, in any order: task i after task i
+    assert groups(nodes(["a2"], ["a0"], ["a1"]), live, arrays) == [("aftercorr:7", ["n1", "n2", "n0"])]
+    # a 1:1 map onto part of the array, a task queued by an earlier submit, a plain job, several, none
+    assert groups(nodes(["a0"], ["a2"]), live, arrays) == [("afterok:7_0", ["n0"]), ("afterok:7_2", ["n1"])]
+    assert groups(nodes(["old"], ["single"], ["a0", "single"], ["done"], []), live, arrays) == [
+        ("afterok:3_5", ["n0"]), ("afterok:9", ["n1"]), ("afterok:7_0:9", ["n2"]), (None, ["n3", "n4"])]

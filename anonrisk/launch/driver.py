@@ -1,8 +1,10 @@
 """``anonrisk grid submit|status``: the stage graph onto an executor with submitit.
 
-- ``slurm``: one job array per stage (split under MaxArraySize), each depending on the arrays of the stage
-  before (``afterok``, killed if a dependency fails), then a collect job after every evaluation
-  (``afterany``, so it reports failed cells). The submitter returns at once; Slurm runs the graph.
+- ``slurm``: per stage, one job array per group of nodes that share their upstream tasks, each task
+  depending on exactly those (``afterok:<array>_<task>``, or ``aftercorr:<array>`` when a stage maps 1:1 onto
+  an upstream array; killed if a dependency fails), so a failed task costs only its own descendants. Then a
+  collect job after every evaluation (``afterany``, so it reports failed cells). The submitter returns at
+  once; Slurm runs the graph.
 - ``local``: the same jobs as local processes (submitit's LocalExecutor), stage by stage, waiting.
 - ``debug``: in this process, stage by stage (submitit's DebugExecutor): for tests and pdb.
 
@@ -75,6 +77,35 @@ def _submit_nodes(plan: GridPlan, kind: str, stage: str, nodes: list[Node], depe
     return jobs
 
 
+def dependency_groups(group_nodes: list[Node], live: dict[str, str], arrays: dict[str, list[str]]) -> list[tuple[Optional[str], list[Node]]]:
+    """One stage's nodes as (Slurm dependency, nodes) groups: one array (or job) per group, so that each
+    task waits only for its own upstream tasks and a failed task cancels only its own descendants.
+
+    A Slurm array has one dependency for all its tasks, so the nodes are grouped by the exact upstream
+    tasks they need (``afterok:<array>_<task>:...``): the trainings of one anonymization form one array.
+    Where every task of an array submitted now has exactly one downstream node that needs nothing else (the
+    evaluations after the trainings), those nodes form one array in the upstream's task order with
+    ``aftercorr:<array>`` (task i after task i). ``live``: node key -> queued job id; ``arrays``: array id
+    submitted now -> its tasks' node keys in task order."""
+    by_deps: dict[tuple[str, ...], list[Node]] = {}
+    for n in group_nodes:
+        by_deps.setdefault(tuple(sorted({live[d] for d in n.deps if d in live})), []).append(n)
+    groups: list[tuple[Optional[str], list[Node]]] = []
+    one_to_one: dict[str, dict[int, Node]] = {}  # upstream array -> task -> its only downstream node
+    for deps, group in by_deps.items():
+        array, _, task = deps[0].partition("_") if len(deps) == 1 else ("", "", "")
+        if len(group) == 1 and array in arrays and task:
+            one_to_one.setdefault(array, {})[int(task)] = group[0]
+        else:
+            groups.append((f"afterok:{':'.join(deps)}" if deps else None, group))
+    for array, tasks in one_to_one.items():
+        if sorted(tasks) == list(range(len(arrays[array]))):
+            groups.append((f"aftercorr:{array}", [tasks[i] for i in range(len(tasks))]))
+        else:
+            groups += [(f"afterok:{array}_{i}", [n]) for i, n in sorted(tasks.items())]
+    return groups
+
+
 def results_current(plan: GridPlan) -> bool:
     path = plan.results_dir / "metrics.json"
     if not path.exists():
@@ -141,6 +172,7 @@ def _submit_slurm(plan, todo, state, queued, overrides, need_collect, summary) -
 
     max_array = slurm_max_array_size(plan.profile)
     live: dict[str, str] = {}  # node key -> job id that is queued (from before) or submitted now
+    arrays: dict[str, list[str]] = {}  # array id submitted now -> its tasks' node keys, in task order
     for key, rec in state["nodes"].items():
         if in_queue(rec.get("job_id"), queued):
             live[key] = rec["job_id"]
@@ -149,12 +181,17 @@ def _submit_slurm(plan, todo, state, queued, overrides, need_collect, summary) -
             nodes = todo[stage]
             if not nodes:
                 continue
-            upstream = sorted({live[d].split("_")[0] for n in nodes for d in n.deps if d in live})
-            jobs = _submit_nodes(plan, "slurm", stage, nodes, f"afterok:{':'.join(upstream)}" if upstream else None, max_array)
-            for n, job in zip(nodes, jobs):
-                live[n.key] = job.job_id
-                state["nodes"][n.key] = {"stage": stage, "job_id": job.job_id, "cells": n.cells, "submitted": time.time()}
-            summary["submitted"][stage] = sorted({j.job_id.split("_")[0] for j in jobs})
+            submitted: list[str] = []
+            for dependency, group in dependency_groups(group_nodes=nodes, live=live, arrays=arrays):
+                jobs = _submit_nodes(plan, "slurm", stage, group, dependency, max_array)
+                for n, job in zip(group, jobs):
+                    live[n.key] = job.job_id
+                    state["nodes"][n.key] = {"stage": stage, "job_id": job.job_id, "cells": n.cells, "submitted": time.time(),
+                                             "dependency": dependency}
+                    if "_" in job.job_id:
+                        arrays.setdefault(job.job_id.split("_")[0], []).append(n.key)
+                submitted += [j.job_id.split("_")[0] for j in jobs]
+            summary["submitted"][stage] = sorted(set(submitted), key=submitted.index)
         if need_collect:
             evals = sorted({live[n.key].split("_")[0] for n in plan.stage_nodes("evaluate") if n.key in live})
             ex = _executor(plan, "slurm", "collect", f"afterany:{':'.join(evals)}" if evals else None)

@@ -100,13 +100,20 @@ def test_full_grid_sh_runs_every_cell_once(smoke_grid, slurm_cluster):
         assert len(rec["cells"]) == 2
         done = json.loads((g["dir"] / "runs" / key / "DONE").read_text())
         assert done["computed"] == done["records"] > 0  # computed once, by its own job
-    # the profile caps arrays at 4 tasks: 6 trainings are two arrays (4 + 2), each task its own sacct record
-    arrays = sorted({rec["job_id"].split("_")[0] for _, rec in by_stage["train"]})
-    assert len(arrays) == 2 and len([j for j in states if j.split("_")[0] in arrays]) == 6
-    # and every evaluation waited for both training arrays
-    eval_array = by_stage["evaluate"][0][1]["job_id"].split("_")[0]
-    script = next((g["grid_dir"] / "submitit").rglob(f"{eval_array}_submission.sh")).read_text()
-    assert f"--dependency=afterok:{arrays[0]}:{arrays[1]}" in script, script
+    # the profile caps arrays at 2 tasks: the 3 anonymizations are one array of 2 and one job
+    job_of = {(rec["stage"], cell): rec["job_id"] for _, rec in state["nodes"].items() for cell in rec["cells"]}
+    anon_jobs = sorted({rec["job_id"] for _, rec in by_stage["anonymize"]})
+    assert sorted(j.count("_") for j in anon_jobs) == [0, 1, 1] and len({j.split("_")[0] for j in anon_jobs}) == 2, anon_jobs
+    # per-task dependencies: each training waits for its own anonymization only (its two trainings are one
+    # array), each evaluation for its own training only (task i of the training array: aftercorr)
+    for _, rec in by_stage["train"]:
+        assert rec["dependency"] == f"afterok:{job_of['anonymize', rec['cells'][0]]}", rec
+        script = next((g["grid_dir"] / "submitit").rglob(f"{rec['job_id'].split('_')[0]}_submission.sh")).read_text()
+        assert f"--dependency={rec['dependency']}" in script, script
+    assert len({rec["job_id"].split("_")[0] for _, rec in by_stage["train"]}) == 3
+    for _, rec in by_stage["evaluate"]:
+        train = job_of["train", rec["cells"][0]]
+        assert rec["dependency"] == f"aftercorr:{train.split('_')[0]}" and rec["job_id"].split("_")[1] == train.split("_")[1], rec
     assert "anonymize" in g["driver_log"] and "collect" in g["driver_log"], g["driver_log"]
 
     doc = json.loads((g["dir"] / "results" / "smoke" / "metrics.json").read_text())
