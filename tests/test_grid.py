@@ -213,3 +213,26 @@ def test_dependencies_are_per_task_so_a_failure_cancels_only_its_descendants():
     assert groups(nodes(["a0"], ["a2"]), live, arrays) == [("afterok:7_0", ["n0"]), ("afterok:7_2", ["n1"])]
     assert groups(nodes(["old"], ["single"], ["a0", "single"], ["done"], []), live, arrays) == [
         ("afterok:3_5", ["n0"]), ("afterok:9", ["n1"]), ("afterok:7_0:9", ["n2"]), (None, ["n3", "n4"])]
+
+
+def test_status_names_the_rank_whose_log_holds_the_error(tmp_path):
+    """A multi-rank training writes one log per rank (submitit/<job>/<job>_<rank>_log.err): status points
+    at the first rank whose log ends in a traceback, with that traceback's error line; a job without a
+    traceback points at rank 0's log; a job that never started has no log."""
+    from anonrisk.launch.status import failure
+
+    folder = tmp_path / "submitit" / "41_3"
+    folder.mkdir(parents=True)
+    for rank in (0, 2, 10):
+        (folder / f"41_3_{rank}_log.err").write_text("srun: step started\n")
+    (folder / "41_3_10_log.err").write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                                          "    raise DataError('a')\nanonrisk.errors.DataError: gone.png: cannot decode\n")
+    (folder / "41_3_2_log.err").write_text("Traceback (most recent call last):\n  File \"y.py\"\nRuntimeError: NCCL error\n"
+                                         "submitit WARNING: bypassing\n")
+    assert failure(tmp_path, "41_3") == (folder / "41_3_2_log.err", "RuntimeError: NCCL error")
+    (folder / "41_3_2_log.err").write_text("fine\n")
+    assert failure(tmp_path, "41_3") == (folder / "41_3_10_log.err", "anonrisk.errors.DataError: gone.png: cannot decode")
+    for rank in (2, 10):
+        (folder / f"41_3_{rank}_log.err").unlink()
+    assert failure(tmp_path, "41_3") == (folder / "41_3_0_log.err", None)
+    assert failure(tmp_path, "99") == (None, None)
