@@ -52,7 +52,8 @@ def test_a_case_over_its_budget_is_stopped_and_the_others_are_kept(tmp_path):
     assert cases["fake_cases:hangs"]["status"] == "timeout" and cases["fake_cases:hangs"]["seconds"] < 20, cases["fake_cases:hangs"]
     assert cases["fake_cases:raises"]["status"] == "error" and "no kernel image is available" in cases["fake_cases:raises"]["error"]
     assert Path(cases["fake_cases:raises"]["log"]).is_file()
-    assert cases["benchmarks.gpu_cases_training"]["status"] == "skipped" or Path(REPO / "benchmarks" / "gpu_cases_training.py").exists()
+    if not (REPO / "benchmarks" / "gpu_cases_training.py").exists():  # a plug-in module not merged yet: named, skipped
+        assert cases["benchmarks.gpu_cases_training"] == {"status": "skipped", "reason": "benchmarks.gpu_cases_training not found"}
     assert doc["finished"] is True
     pid = int((tmp_path / "scratch" / "grandchild.pid").read_text())
     assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
