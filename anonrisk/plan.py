@@ -204,3 +204,9 @@ def plan(cfg: RunConfig) -> RunPlan:
         cell = StageDir(runs, "cell", fingerprint("cell", CELL_VERSION, cell_fingerprints(prepare, anonymize, quality, plans)))
         out.targets[spec.name] = TargetPlan(spec.name, key, spec, anonymizer, prepare, anonymize, quality, plans, cell)
     return out
+
+
+def kinds() -> dict[str, list]:
+    """Every anonymizer, attack and dataset kind, built-in and from plugins (``registry.KindInfo``: its package,
+    its Params, or why its plugin failed to load): what ``anonrisk ls kinds`` prints."""
+    return {"anonymizer": ANONYMIZERS.kinds(), "attack": ATTACKS.kinds(), "dataset": DATASETS.kinds()}

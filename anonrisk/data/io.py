@@ -16,17 +16,21 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
         with Image.open(path) as im:
             im = im.convert("RGB")
             if size is not None:
-                w, h = im.size
-                side = min(w, h)
-                left, top = (w - side) // 2, (h - side) // 2
-                im = im.crop((left, top, left + side, top + side))
-                if side != size:
-                    im = im.resize((size, size), Image.BICUBIC)
+                im = fit_square(im, size)
             return np.asarray(im, dtype=np.uint8).copy()
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"unreadable image {path}: {exc}") from None
+
+
+def fit_square(im: Image.Image, size: int) -> Image.Image:
+    """The centre square of ``im`` resized to ``size`` (how every image is read at the working size)."""
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    return im.resize((size, size), Image.BICUBIC) if side != size else im
 
 
 def load_batch(paths: list[str], size: int) -> np.ndarray:
