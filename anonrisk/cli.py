@@ -109,6 +109,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_ls(args) -> int:
+    if args.what == "kinds":
+        return print_kinds()
     runs = Path(args.runs_dir)
     if not runs.is_dir():
         print(f"no runs under {runs}/")
@@ -121,6 +123,23 @@ def cmd_ls(args) -> int:
     results = Path(args.results_dir)
     for m in sorted(results.glob("*/metrics.json")):
         print(f"{'results':10s} {'':8s} {m.parent}")
+    return 0
+
+
+def print_kinds() -> int:
+    """Every anonymizer, attack and dataset kind with the package it comes from and its settings; plugins that
+    failed to load with the reason (they never hide the others)."""
+    from anonrisk.plan import kinds
+
+    for kind, infos in kinds().items():
+        print(f"{kind}s:")
+        for k in infos:
+            if k.error:
+                print(f"  {k.name:14s} [{k.package}] FAILED: {k.error}")
+                continue
+            items = [f"{n}={f.default!r}" if not f.is_required() else f"{n} (required)" for n, f in k.params.model_fields.items()]
+            fields = ", ".join(items[:6]) + (f", ... ({len(items)} settings)" if len(items) > 6 else "")
+            print(f"  {k.name:14s} [{k.package}] {fields}")
     return 0
 
 
@@ -246,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--cols", help="axis across (default: the first other axis that varies)")
     cmp_.add_argument("--out", help="write comparison.md and comparison.png here")
     cmp_.set_defaults(fn=cmd_compare)
-    ls = sub.add_parser("ls", help="list stage directories and results")
+    ls = sub.add_parser("ls", help="list stage directories and results (`ls kinds`: every kind and its package)")
+    ls.add_argument("what", nargs="?", choices=["kinds"], help="kinds: the anonymizer, attack and dataset kinds, plugins included")
     ls.add_argument("--runs-dir", default="runs")
     ls.add_argument("--results-dir", default="results")
     ls.set_defaults(fn=cmd_ls)

@@ -25,7 +25,7 @@ LAYERS = {
                 "anonrisk.evaluate", "anonrisk.evaluate.metrics", "anonrisk.evaluate.protocols", "anonrisk.evaluate.leakage",
                 "anonrisk.evaluate.utility", "anonrisk.evaluate.face_nets", "anonrisk.evaluate.recognizers",
                 "anonrisk.evaluate.fid_inception", "anonrisk.evaluate.protocols_reference", "anonrisk.evaluate.audit",
-                "anonrisk.evaluate.anonymity", "anonrisk.evaluate.verification",
+                "anonrisk.evaluate.anonymity", "anonrisk.evaluate.verification", "anonrisk.evaluate.privacy",
                 "anonrisk.anonymize.tiny", "anonrisk.anonymize.annotators", "anonrisk.anonymize.conditions",
                 "anonrisk.anonymize.conditioning", "anonrisk.anonymize.diffusion_params", "anonrisk.anonymize.diffusion_components",
                 "anonrisk.anonymize.masks", "anonrisk.anonymize.sampler", "anonrisk.anonymize.external",

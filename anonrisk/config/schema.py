@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -138,6 +138,9 @@ class EvaluateConfig(Strict):
     leakage: bool = True
     leakage_tolerance: int = Field(2, ge=0, le=20)
     utility: UtilityConfig = UtilityConfig()
+    privacy: bool = True  # 1:1 verification (TAR at ``fars``, EER) and effective anonymity sets per attack
+    fars: list[Annotated[float, Field(gt=0, lt=1)]] = [1e-2, 1e-3]
+    verbatim: bool = True  # the share of pixels copied unchanged from the original (quality stage)
 
     @field_validator("pool_size")
     @classmethod
