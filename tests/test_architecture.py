@@ -17,7 +17,7 @@ MAX_LINES = 400
 LAYERS = {
     "core": ["anonrisk", "anonrisk.errors", "anonrisk.stages", "anonrisk.registry", "anonrisk.weights", "anonrisk.devices", "anonrisk.environment",
              "anonrisk.config", "anonrisk.config.*"],
-    "library": ["anonrisk.data.records", "anonrisk.data.io", "anonrisk.data.synthetic",
+    "library": ["anonrisk.data.records", "anonrisk.data.io", "anonrisk.data.synthetic", "anonrisk.data.align",
                 "anonrisk.attack.losses", "anonrisk.attack.model", "anonrisk.attack.gradcache", "anonrisk.attack.dist",
                 "anonrisk.attack.data", "anonrisk.attack.train_plan", "anonrisk.attack.engine_base", "anonrisk.attack.torch_engine",
                 "anonrisk.attack.deepspeed_engine", "anonrisk.attack.engine", "anonrisk.attack.train", "anonrisk.attack.embed",
@@ -33,7 +33,8 @@ LAYERS = {
     "plugins": ["anonrisk.anonymize", "anonrisk.anonymize.base", "anonrisk.anonymize.classical", "anonrisk.anonymize.diffusion",
                 "anonrisk.anonymize.precomputed", "anonrisk.anonymize.command",
                 "anonrisk.anonymize.camouflage", "anonrisk.attack", "anonrisk.attack.base", "anonrisk.attack.trained",
-                "anonrisk.attack.edge", "anonrisk.attack.recognizer", "anonrisk.data", "anonrisk.data.datasets"],
+                "anonrisk.attack.edge", "anonrisk.attack.recognizer", "anonrisk.data", "anonrisk.data.datasets",
+                "anonrisk.data.hf", "anonrisk.data.unlabeled", "anonrisk.data.wild"],
     "stages": ["anonrisk.anonymize.runner", "anonrisk.anonymize.ray_runner", "anonrisk.anonymize.ray_connect", "anonrisk.data.prepare",
                "anonrisk.evaluate.evaluate", "anonrisk.report.report", "anonrisk.tracking", "anonrisk.tracking.*"],
     "plan": ["anonrisk.plan", "anonrisk.pipeline"],
