@@ -126,6 +126,16 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from anonrisk.launch.audit import run_audit
+
+    attacks = tuple(a for a in ("edge", "recognizer") if not (a == "recognizer" and args.no_recognizer))
+    text, out = run_audit(args.originals, args.anonymized, args.out, args.labels, args.image_size, attacks)
+    print(text)
+    print(f"written: {out}/audit.md, report.md, metrics.json, leaderboard.md")
+    return 0
+
+
 def print_kinds() -> int:
     """Every anonymizer, attack and dataset kind with the package it comes from and its settings; plugins that
     failed to load with the reason (they never hide the others)."""
@@ -265,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--cols", help="axis across (default: the first other axis that varies)")
     cmp_.add_argument("--out", help="write comparison.md and comparison.png here")
     cmp_.set_defaults(fn=cmd_compare)
+    au = sub.add_parser("audit", help="privacy report for a folder of originals and a folder of their anonymized images (no config)")
+    au.add_argument("originals", help="folder of original images")
+    au.add_argument("anonymized", help="folder of anonymized images at the same relative paths (any image extension)")
+    au.add_argument("--out", help="results folder (default ./audit-<ANONYMIZED name>)")
+    au.add_argument("--labels", choices=["none", "folders"], default="none",
+                    help="none: every image its own identity (linkage only); folders: ORIGINALS/<identity>/<image>")
+    au.add_argument("--image-size", type=int, default=112, help="working size in pixels (default 112)")
+    au.add_argument("--no-recognizer", action="store_true", help="skip the off-the-shelf recognizer (dlib)")
+    au.set_defaults(fn=cmd_audit)
     ls = sub.add_parser("ls", help="list stage directories and results (`ls kinds`: every kind and its package)")
     ls.add_argument("what", nargs="?", choices=["kinds"], help="kinds: the anonymizer, attack and dataset kinds, plugins included")
     ls.add_argument("--runs-dir", default="runs")

@@ -69,7 +69,7 @@ def test_outside_anonymizers_scored_with_the_builtin_ones(tmp_path):
                            {"name": "theirs-blur", "kind": "precomputed", "params": {"root": str(blurred)}},
                            {"name": "copy", "kind": "command", "params": {"command": COPY}},
                            {"name": "mirror", "kind": "mirror", "params": {"darken": 10}}],
-           "attacks": ["edge"], "evaluate": {"bootstrap": 200, "fars": [0.1, 0.01]}, "tracking": {"mlflow": False}}
+           "attacks": ["edge"], "evaluate": {"bootstrap": 200, "verification": {"fars": [0.1, 0.01]}}, "tracking": {"mlflow": False}}
     (tmp_path / "outside.yaml").write_text(yaml.safe_dump(cfg))
     run = anonrisk(["run", "outside.yaml"], site, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -84,7 +84,7 @@ def test_outside_anonymizers_scored_with_the_builtin_ones(tmp_path):
     # the privacy measures: verbatim copy 1.0 for identity (and its copy), about 0 for noise
     assert res["identity"]["verbatim"]["face"]["mean"] == 1.0 == res["copy"]["verbatim"]["face"]["mean"]
     assert res["noise"]["verbatim"]["face"]["mean"] < 0.05
-    ver = res["identity"]["attacks"]["edge"]["verification"]["linkage"]["tar_at_far"]["0.1"]
+    ver = res["identity"]["attacks"]["edge"]["verification"]["exclude-source"]["tar_at_far"]["0.1"]
     assert ver["value"] >= ver["ci95"][0] and ver["ci95"][0] <= ver["ci95"][1] and ver["resolved"]
     noise_set = res["noise"]["attacks"]["edge"]["anonymity"]["full-ref/linkage"]
     ident_set = res["identity"]["attacks"]["edge"]["anonymity"]["full-ref/linkage"]

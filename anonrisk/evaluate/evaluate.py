@@ -45,8 +45,7 @@ def evaluate_similarity(sim_fn, probes: Sequence[FaceRecord], gallery: Sequence[
     if tuple(sim.shape) != (len(probes), len(gallery)):
         raise RuntimeError(f"{stage}: similarity has shape {tuple(sim.shape)}, expected {(len(probes), len(gallery))}")
     metrics = {"protocol_version": PROTOCOL_VERSION, "protocols": score_similarity(sim, probes, gallery, cfg)}
-    if cfg.privacy:
-        metrics.update(similarity_privacy(sim, probes, gallery, cfg))
+    metrics.update(similarity_privacy(sim, probes, gallery, cfg))
     write_json(stage / "metrics.json", metrics)
     stage.mark_done({"probes": len(probes), "gallery": len(gallery)})
     return metrics
@@ -86,11 +85,11 @@ def _indices(probes: Sequence[FaceRecord], gallery: Sequence[FaceRecord]) -> tup
 
 
 def similarity_privacy(sim, probes: Sequence[FaceRecord], gallery: Sequence[FaceRecord], cfg: EvaluateConfig) -> dict:
-    """Verification (TAR@FAR with intervals) and effective anonymity sets of one similarity (``privacy``)."""
+    """Verification (TAR@FAR with intervals) and effective anonymity sets of one similarity."""
     from anonrisk.evaluate.privacy import privacy_measures
 
     p_ident, p_src, g_ident = _indices(probes, gallery)
-    return privacy_measures(sim, p_ident, p_src, g_ident, cfg.modes, cfg.fars, cfg.bootstrap, cfg.seed)
+    return privacy_measures(sim, p_ident, p_src, g_ident, cfg.modes, cfg.verification, cfg.privacy, cfg.seed)
 
 
 def score_similarity(sim, probes: Sequence[FaceRecord], gallery: Sequence[FaceRecord], cfg: EvaluateConfig) -> dict:
