@@ -70,6 +70,7 @@ def test_hf_on_disk_and_an_unlabeled_folder_run_end_to_end(tmp_path):
     assert doc["results"]["noise"]["attacks"]["edge"]["protocols"]["full-ref/linkage"]["top1"]["value"] < 0.5
     report = (tmp_path / "u" / "results" / "r" / "report.md").read_text()
     assert "no identity labels" in report and "linkage" in report
+    assert "1:1 verification (linkage)" in report and "effective anonymity set (full-ref/linkage" in report
 
 
 def test_wild_photos_are_aligned_and_a_photo_without_a_face_is_reported(tmp_path):

@@ -21,6 +21,7 @@ from urllib.parse import unquote
 
 from PIL import Image
 
+from anonrisk.data.io import image_tree
 from anonrisk.errors import DataError
 from anonrisk.stages import atomic_path
 
@@ -39,16 +40,8 @@ def strip_image_ext(rel: str) -> str:
 
 
 def image_files(root: Path) -> list[tuple[str, Path]]:
-    """Every image file under ``root`` as (POSIX path relative to root, path), sorted; hidden files and folders
-    (``.cache``, ``.ipynb_checkpoints``) are skipped; symbolic links to folders are not followed."""
-    out = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in files:
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in OUTPUT_EXTS:
-                path = Path(folder, f)
-                out.append((path.relative_to(root).as_posix(), path))
-    return sorted(out)
+    """Every output image under ``root`` as (POSIX path relative to root, path), sorted (``io.image_tree``)."""
+    return image_tree(root, OUTPUT_EXTS)
 
 
 def output_index(root: Path) -> dict[str, list[Path]]:

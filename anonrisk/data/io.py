@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -53,3 +55,17 @@ def is_readable(path: str | os.PathLike) -> str | None:
         return "file not found"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return str(exc) or type(exc).__name__
+
+
+def image_tree(root: str | os.PathLike, exts) -> list[tuple[str, Path]]:
+    """Every file under ``root`` whose extension (any case) is in ``exts``, as (POSIX path relative to root,
+    path), sorted; hidden files and folders (``.cache``, ``.ipynb_checkpoints``) skipped, folder links not followed."""
+    root = Path(root)
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts:
+                path = Path(folder, f)
+                out.append((path.relative_to(root).as_posix(), path))
+    return sorted(out)

@@ -5,23 +5,16 @@ Record ids are the images' POSIX paths relative to ``data.root``, extension incl
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from anonrisk.data import io
 from anonrisk.data.datasets import DATASETS, IMAGE_EXTS, Dataset, DatasetContext, RawItem
 from anonrisk.errors import DataError
 
 
 def image_tree(root: Path) -> list[tuple[str, Path]]:
     """Every image under ``root`` as (POSIX path relative to root, path), sorted; hidden entries skipped."""
-    out = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in sorted(files):
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS:
-                path = Path(folder, f)
-                out.append((path.relative_to(root).as_posix(), path))
-    return sorted(out)
+    return io.image_tree(root, IMAGE_EXTS)
 
 
 @DATASETS.register("unlabeled")

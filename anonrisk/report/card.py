@@ -83,9 +83,16 @@ def leaderboard(results: dict[str, Any], key: str = MAIN) -> list[dict[str, Any]
     return rows
 
 
-def _first_tar(attack: dict[str, Any], mode: str = MAIN.split("/")[1]) -> dict[str, Any] | None:
-    """The attack's TAR at the first configured FAR in ``mode`` (with its interval), if it was measured."""
-    tars = attack.get("verification", {}).get(mode, {}).get("tar_at_far", {})
+def _main_of(by_key: dict[str, Any], main: str) -> tuple[str, Any]:
+    """(key, value) of ``main`` if measured, else of the first key measured (linkage only: no labels)."""
+    if main in by_key:
+        return main, by_key[main]
+    return next(iter(by_key.items()), (main, None))
+
+
+def _first_tar(attack: dict[str, Any]) -> dict[str, Any] | None:
+    """The attack's TAR at the first configured FAR in its main verification mode (with its interval)."""
+    tars = (_main_of(attack.get("verification", {}), MAIN.split("/")[1])[1] or {}).get("tar_at_far", {})
     return next(iter(tars.values()), None)
 
 
@@ -93,15 +100,15 @@ def privacy_lines(card: dict[str, Any]) -> list[str]:
     """The verification, anonymity-set and verbatim-copy lines of a report card."""
     out = []
     for a_name, a in ran(card).items():
-        mode = MAIN.split("/")[1]
-        ver, anon = a.get("verification", {}).get(mode), a.get("anonymity", {}).get(MAIN)
+        mode, ver = _main_of(a.get("verification", {}), MAIN.split("/")[1])
+        key, anon = _main_of(a.get("anonymity", {}), MAIN)
         if ver:
             tars = ", ".join(f"TAR@FAR={t['far']:g} {fmt(t)}" + ("" if t["resolved"] else " (unresolved: too few impostor pairs)")
                              for t in ver["tar_at_far"].values())
             out.append(f"- {a_name}, 1:1 verification ({mode}): {tars}; EER {ver['eer']:.3f} "
                        f"({ver['n_genuine']} genuine, {ver['n_impostor']} impostor pairs)")
         if anon:
-            out.append(f"- {a_name}, effective anonymity set ({MAIN}, pool {anon['pool']}): entropy {anon['entropy_set']['mean']:.1f}, "
+            out.append(f"- {a_name}, effective anonymity set ({key}, pool {anon['pool']}): entropy {anon['entropy_set']['mean']:.1f}, "
                        f"rank {anon['rank_set']['mean']:.1f} (median {anon['rank_set']['q50']:.0f})")
     verb = card.get("verbatim")
     if verb:
