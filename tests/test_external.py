@@ -178,3 +178,24 @@ def test_killed_command_stage_resumes_without_losing_a_finished_shard(celeba):
     assert {p: p.stat().st_mtime_ns for p in first} == first  # finished outputs kept, not redone
     assert len(read_manifest(stage / "manifest.jsonl")) == 24
     assert (stage / "log" / "command-00000.log").read_text().count("--- exit status") == 1  # shard 0 ran once
+
+
+def test_grid_cells_plan_outside_kinds_like_builtin_ones(tmp_path):
+    """In a grid (Slurm or local), outside kinds are cells like any other: checked at submit, named by their work."""
+    from anonrisk.launch.grid import plan_grid
+
+    (tmp_path / "out").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "out" / "x.png")
+    grid = {"name": "outside", "base": str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), "profile": "local",
+            "fixed": {"runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results")},
+            "axes": {"outside": {"cmd": {"anonymizers": [{"name": "cmd", "kind": "command", "params": {"command": "cp {input}/* {output}"}}]},
+                                 "pre": {"anonymizers": [{"name": "pre", "kind": "precomputed", "params": {"root": str(tmp_path / "out")}}]}}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    a = plan_grid(path, {})
+    b = plan_grid(path, {"anonymize.runner": "ray", "anonymize.ray.num_workers": 3}, check=False)
+    assert len(a.stage_nodes("anonymize")) == 2 and list(a.nodes) == list(b.nodes)
+    grid["axes"]["outside"]["pre"]["anonymizers"][0]["params"]["root"] = str(tmp_path / "missing")
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError, match=r"params.root: folder not found"):
+        plan_grid(path, {})
