@@ -26,7 +26,7 @@ def hf_dataset(identities=6, per_identity=3, size=40):
     return datasets.Dataset.from_dict(rows, features=features)
 
 
-def test_hf_save_to_disk_and_parquet_give_the_same_records(tmp_path):
+def test_hf_save_to_disk_parquet_and_imagefolder_read_offline(tmp_path):
     ds = hf_dataset()
     datasets.DatasetDict({"train": ds.select(range(12)), "test": ds.select(range(12, 18))}).save_to_disk(str(tmp_path / "disk"))
     (tmp_path / "pq").mkdir()
@@ -41,6 +41,12 @@ def test_hf_save_to_disk_and_parquet_give_the_same_records(tmp_path):
     a = next(r for r in disk if r.id == "train/000000.png")
     b = next(r for r in pq if r.id == "train/000000.png")  # the parquet builder names its one split train
     assert np.array_equal(np.asarray(Image.open(a.path)), np.asarray(Image.open(b.path)))
+    for i in range(6):  # the imagefolder layout: <label>/<image>; the label is the identity
+        (tmp_path / "imf" / f"person{i}").mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(render_image(1, i, j, 40)).save(tmp_path / "imf" / f"person{i}" / f"{j}.png")
+    _, imf = prepare_data(DataConfig(root=str(tmp_path / "imf"), dataset="hf", image_size=32), str(tmp_path / "runs"), progress=False)
+    assert len(imf) == 18 and {r.identity for r in imf} == {f"person{i}" for i in range(6)}
     with pytest.raises(ConfigError, match=r"data.hf.identity_column: no column 'person'.*columns: image, celeb"):
         prepare_data(DataConfig(root=str(tmp_path / "pq"), dataset="hf", hf={"identity_column": "person"}), str(tmp_path / "runs2"), progress=False)
 
