@@ -59,6 +59,8 @@ def measure_quality(anonymized: Sequence[FaceRecord], originals: Sequence[FaceRe
 
     stage.begin({"evaluate": cfg.model_dump(include=set(QUALITY_KEYS))})
     probes, gallery = probes_and_gallery(anonymized, originals)
+    by_id = {g.id: g for g in gallery}
+    gallery = [by_id[p.id] for p in probes]  # each probe with its own original (records left out have no probe)
     out: dict = {}
     if cfg.leakage:
         pairs = ((load_image(g.path, image_size), load_image(p.path, image_size)) for g, p in zip(gallery, probes))
