@@ -151,10 +151,10 @@ def test_command_failures_name_the_shard(celeba):
 @pytest.mark.slow  # two anonrisk processes (about 40 s on 2 busy cores)
 def test_killed_command_stage_resumes_without_losing_a_finished_shard(celeba):
     """anonrisk killed while the program works on shard 1: the rerun keeps shard 0's outputs and redoes the rest."""
-    gate = celeba / "hold"
+    gate, group = celeba / "hold", celeba / "group"
     gate.write_text("")
-    # shard 0 copies; later shards wait while the gate file exists (the gate is outside the fingerprint)
-    cmd = f"if [ {{shard}} != 0 ] && [ -e {gate} ]; then sleep 60; fi; cp {{input}}/* {{output}}/"
+    # shard 0 copies; later shards note their process group and wait while the gate file exists (outside the fingerprint)
+    cmd = f"if [ {{shard}} != 0 ] && [ -e {gate} ]; then echo $$ > {group}; sleep 60; fi; cp {{input}}/* {{output}}/"
     cfg = config(celeba, [{"name": "cmd", "kind": "command", "params": {"command": cmd}}])
     path = celeba / "run.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -162,14 +162,25 @@ def test_killed_command_stage_resumes_without_losing_a_finished_shard(celeba):
     stage = Pipeline(cfg).plan.target("cmd").anonymize.path
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while not list(stage.glob("log/command-00001.log")) and time.time() < deadline:
+    while not (group.exists() and group.read_text().strip()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert (stage / "shards" / "00000.json").exists(), proc.stderr.read() if proc.poll() is not None else "no shard 0"
+    pgid = int(group.read_text())
+    os.killpg(pgid, 0)  # the program (its shell and its sleep) is running
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    time.sleep(0.3)
-    sleepers = subprocess.run(["pgrep", "-f", f"-e {gate}"], capture_output=True, text=True).stdout.split()
-    assert not sleepers, "the program outlived anonrisk"
+
+    def group_alive():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    deadline = time.time() + 10
+    while group_alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(), "the program outlived anonrisk"
     first = {p: p.stat().st_mtime_ns for p in (stage / "images").rglob("*.png")}
     assert len(first) == 8
     gate.unlink()

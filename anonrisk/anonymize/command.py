@@ -66,14 +66,29 @@ class CommandParams(Strict):
         return v
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when anonrisk dies (Linux prctl PR_SET_PDEATHSIG)."""
+# The guard between anonrisk and the program: the program runs in a process group of its own, and the guard
+# kills that whole group (the shell and everything it started) when anonrisk dies, even by SIGKILL (the
+# kernel sends the guard SIGTERM then: Linux PR_SET_PDEATHSIG), or when anonrisk stops it (timeout, Ctrl-C).
+GUARD = """
+import ctypes, os, signal, subprocess, sys
+try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(137)
+child = subprocess.Popen(sys.argv[2:], start_new_session=True)
+def stop(*_):
     try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
         pass
+    sys.exit(137)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+rc = child.wait()
+sys.exit(rc if rc >= 0 else 128 - rc)
+"""
 
 
 @ANONYMIZERS.register("command")
@@ -109,16 +124,20 @@ class CommandAnonymizer(Anonymizer):
             out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {shard.label()}: {cmd}\n".encode())
             out.flush()
             t0 = time.monotonic()
-            proc = subprocess.Popen(cmd, shell=True, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            proc = subprocess.Popen([sys.executable, "-c", GUARD, str(os.getpid()), "/bin/sh", "-c", cmd], cwd=work, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             try:
                 rc = proc.wait(timeout=self.p.timeout_s)
             except subprocess.TimeoutExpired:
                 rc = None
-            finally:  # a timeout, Ctrl-C or an error here: nothing of the program may outlive the call
+            finally:  # a timeout, Ctrl-C or an error here: the guard kills the program's group, then itself
                 if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
             out.write(f"--- exit status {rc} after {time.monotonic() - t0:.1f} s\n".encode())
         if rc is None:
             raise DataError(f"{self.key}: {shard.label()}: the command ran past params.timeout_s={self.p.timeout_s:g} s and was killed; "
