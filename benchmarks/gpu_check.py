@@ -245,7 +245,9 @@ def linked(results: dict) -> list[dict]:
     eager = {r["batch"]: r["anonymizer_img_s"] for r in (results.get("diffusion_eager", {}).get("result") or {}).get("rows", [])}
     out = []
     for name, label in (("diffusion_compiled", "compiled + fused QKV"), ("xformers", "xformers")):
-        for row in (results.get(name, {}).get("result") or {}).get("rows", []):
+        result = results.get(name, {}).get("result") or {}
+        label = label if result.get("compiled", True) else "fused QKV (not compiled: --tiny)"
+        for row in result.get("rows", []):
             if row["batch"] in eager:
                 out.append(fig(f"{label} img/s, batch {row['batch']}", row["anonymizer_img_s"], "eager SDPA (diffusion_eager)", eager[row["batch"]]))
     return out
