@@ -176,22 +176,27 @@ def fetch(items: list[Need], dest: str) -> list[str]:
 
     root = Path(dest).expanduser().resolve()
     lines, failed = [], []
-    done: set[tuple[str, str]] = set()
+    done: set = set()
     for n in items:
         if not n.source.startswith("hf:"):
             if not n.present():
                 lines.append(f"skipped {n.what}: {n.source}")
             continue
         repo, target = n.source[3:], (n.local.parent if n.single_file else n.local)
-        if (repo, str(target)) in done:
+        if (repo, str(target), n.files) in done:
             continue
-        done.add((repo, str(target)))
+        done.add((repo, str(target), n.files))
         try:
             snapshot_download(repo, local_dir=str(target), allow_patterns=list(n.files) if n.files else None)
-            lines.append(f"fetched {repo} -> {target}")
         except Exception as exc:  # network refused, repo gone: say which, keep going
             failed.append(repo)
             lines.append(f"failed {repo}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        if n.present():
+            lines.append(f"fetched {repo} -> {target}")
+        else:  # the repo is there but not the files (renamed upstream, wrong patterns)
+            failed.append(repo)
+            lines.append(f"failed {repo}: no {', '.join(n.files or ('files',))} in the repo ({n.what})")
     lines.append(f"export ANONRISK_WEIGHTS={root}   # the presets' weights/... paths and hub ids now resolve under it")
     if failed:
         raise FetchFailed(lines, failed)
