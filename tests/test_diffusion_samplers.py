@@ -88,7 +88,7 @@ def test_karras_sigmas_follow_the_karras_formula():
 
 
 def test_every_named_scheduler_runs_in_the_loop(faces):
-    a = canny(conditions=[], controlnets=[], steps=2, resolution=32)
+    a = canny(conditions=[], controlnets=[], steps=1, resolution=16)
     for name in SCHEDULERS:
         a.p = a.sampler.p = a.p.model_copy(update={"scheduler": name})
         out = a(faces[:1], [5])
@@ -97,18 +97,18 @@ def test_every_named_scheduler_runs_in_the_loop(faces):
 
 @pytest.mark.parametrize("name", ["dpmpp_sde_karras", "dpmpp_2m_sde_karras", "euler_a"])
 def test_sde_sampler_batched_call_equals_one_by_one(name, faces):
-    a = canny(scheduler=name, steps=4)
-    seeds = [101, 202, 303, 404]
-    batched = a(faces, seeds).astype(int)
+    a = canny(scheduler=name, steps=3)
+    seeds = [101, 202, 303]
+    batched = a(faces[:3], seeds).astype(int)
     single = np.concatenate([a(faces[i:i + 1], [s]) for i, s in enumerate(seeds)]).astype(int)
-    reversed_ = a(faces[::-1], seeds[::-1])[::-1].astype(int)
+    reversed_ = a(faces[:3][::-1], seeds[::-1])[::-1].astype(int)
     for other in (single, reversed_):
         diff = np.abs(batched - other)
         assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
     assert np.array_equal(a(faces[:2], seeds[:2]), batched[:2])  # deterministic: no batch-wide random seed
     # the step noise is real (the SDE differs from its deterministic twin) and comes from the record's seed
     twin = {"dpmpp_sde_karras": "dpmpp_2m_karras", "dpmpp_2m_sde_karras": "dpmpp_2m_karras", "euler_a": "euler"}[name]
-    det = canny(scheduler=twin, steps=4)(faces[:2], seeds[:2]).astype(int)
+    det = canny(scheduler=twin, steps=3)(faces[:2], seeds[:2]).astype(int)
     assert np.abs(det - batched[:2]).mean() > 0.5
 
 
