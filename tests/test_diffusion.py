@@ -26,7 +26,8 @@ from anonrisk.data.synthetic import render_image  # noqa: E402
 from anonrisk.errors import ConfigError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = ["instance-aug", "controlnet-canny", "controlnet-depth", "controlnet-softedge", "sd-nocond", "camouflage-base"]
+PRESETS = ["instance-aug", "controlnet-canny", "controlnet-depth", "controlnet-softedge", "sd-nocond", "camouflage-base",
+           "camouflage-light"]
 
 
 @pytest.fixture(scope="module", autouse=True)
