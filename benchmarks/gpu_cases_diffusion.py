@@ -129,7 +129,15 @@ def case_compel(tiny: bool = False, device: str = "cuda", n: int = 16, batch: in
     return _case("compel", a, False, n, batch, device, stock=False)
 
 
-CASES = {"instance-aug-faithful": case_instance_aug_faithful, "dpmpp_sde_karras": case_dpmpp_sde_karras, "compel": case_compel}
+def case_camouflage_light(tiny: bool = False, device: str = "cuda", n: int = 16, batch: int = 8) -> dict:
+    """CAMOUFLaGE-Light: IP-Adapter (CLIP ViT-H/14-sized random encoder, written and loaded in the published
+    layout) + T2I-Adapter on the attribute encoding, DPM++ SDE Karras; no stock pipeline takes both adapters."""
+    arch = "random:tiny" if tiny else "random:sd15"
+    a = _build("camouflage-light", tiny, device, ip_adapter=arch, t2i_adapter=arch, scheduler="dpmpp_sde_karras")
+    return _case("camouflage-light", a, False, n, batch, device, stock=False)
+
+
+CASES = {"camouflage-light": case_camouflage_light, "instance-aug-faithful": case_instance_aug_faithful, "dpmpp_sde_karras": case_dpmpp_sde_karras, "compel": case_compel}
 
 
 def main(argv=None) -> None:

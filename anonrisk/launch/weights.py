@@ -35,6 +35,8 @@ SOURCES: dict[str, Union[str, tuple[str, Optional[tuple[str, ...]]]]] = {
     "annotators/depth-anything-large-hf": ("LiheYoung/depth-anything-large-hf", ("config.json", "preprocessor_config.json", "*.safetensors")),
     "annotators/ade20k_palette.json": "none (write it from the ADE20K class colours: docs/diffusion.md)",
     "controlnets/identity-sd15": "none (unreleased: train one, configs/anonymizers/camouflage-base.yaml)",
+    "ip-adapter": ("h94/IP-Adapter", ("models/ip-adapter_sd15.safetensors", "models/image_encoder/*")),
+    "adapters/camouflage-light-t2i": "none (the paper's fine-tuned T2I-Adapter is unreleased: train one, in_channels 45)",
 }
 for _cn in ("control_v11f1p_sd15_depth", "control_v11p_sd15_normalbae", "control_v11p_sd15_seg", "control_v11p_sd15_openpose",
             "control_v11p_sd15_lineart", "control_v11p_sd15_softedge", "control_v11p_sd15_canny"):
@@ -79,6 +81,9 @@ def _entries(params: dict) -> Iterable[tuple[str, str, str]]:
     cns = params.get("controlnets") or []
     for i, cn in enumerate([cns] if isinstance(cns, str) else cns):
         yield f"params.controlnets[{i}]", cn, "controlnet"
+    for key in ("ip_adapter", "t2i_adapter"):
+        if params.get(key):
+            yield f"params.{key}", params[key], "model"
     if params.get("identity_controlnet"):
         yield "params.identity_controlnet", params["identity_controlnet"], "controlnet"
     for name, path in (params.get("annotator_weights") or {}).items():
