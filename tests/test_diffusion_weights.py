@@ -106,3 +106,24 @@ def test_fetch_from_a_loopback_hub_mirror_then_run_from_the_weights_root(tmp_pat
     a.setup("cpu")
     faces = np.random.default_rng(0).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
     assert a(faces, [1]).shape == faces.shape
+
+
+def test_localize_moves_weights_paths_and_fetched_hub_ids_under_the_root(tmp_path, monkeypatch):
+    from anonrisk.weights import localize
+
+    (tmp_path / "owner/fetched").mkdir(parents=True)
+    params = {"model": "owner/fetched", "vae": "owner/not-fetched", "controlnets": ["weights/controlnets/a", "/abs/b"],
+              "annotator_weights": {"hed": "weights/annotators/ControlNetHED.pth", "midas": "random"}, "steps": 4}
+    out = localize(params, str(tmp_path))
+    assert out == {"model": str(tmp_path / "owner/fetched"), "vae": "owner/not-fetched",
+                   "controlnets": [str(tmp_path / "controlnets/a"), "/abs/b"],
+                   "annotator_weights": {"hed": str(tmp_path / "annotators/ControlNetHED.pth"), "midas": "random"}, "steps": 4}
+    monkeypatch.delenv("ANONRISK_WEIGHTS", raising=False)
+    assert localize(params) == params  # unset: unchanged
+    # the plan reads it too: a run's anonymizer sees the root's folders
+    from anonrisk.config.schema import Spec
+    from anonrisk.plan import _anonymizer
+
+    monkeypatch.setenv("ANONRISK_WEIGHTS", str(tmp_path))
+    a = _anonymizer(Spec(name="x", kind="diffusion", params={"model": "weights/models/sd"}), "anonymizers[0]")
+    assert a.p.model == str(tmp_path / "models/sd")
