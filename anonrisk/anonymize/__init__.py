@@ -1,6 +1,6 @@
 """Anonymizers behind one contract (``base.Anonymizer``); importing this package registers the built-in kinds."""
 
-from anonrisk.anonymize import camouflage, camouflage_light, classical, diffusion, instance_aug_faithful  # noqa: F401  (register the built-in kinds)
+from anonrisk.anonymize import camouflage, camouflage_light, classical, command, diffusion, instance_aug_faithful, precomputed  # noqa: F401  (register the built-in kinds)
 from anonrisk.anonymize.base import ANONYMIZERS, Anonymizer, check_batch
 
 
