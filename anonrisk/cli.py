@@ -226,6 +226,22 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from anonrisk.launch import weights
+
+    items = weights.needs(args.target, args.fetch or args.root)
+    print(weights.table(items))
+    if args.fetch:
+        try:
+            lines = weights.fetch(items, args.fetch)
+        except weights.FetchFailed as exc:
+            print("\n".join(exc.lines))
+            print(f"anonrisk: error: {exc}", file=sys.stderr)
+            return 1
+        print("\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anonrisk", description="Measure how much identity survives image anonymization.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -275,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--cols", help="axis across (default: the first other axis that varies)")
     cmp_.add_argument("--out", help="write comparison.md and comparison.png here")
     cmp_.set_defaults(fn=cmd_compare)
+    w = sub.add_parser("weights", help="the weights a preset or grid needs: source, local place, present or not; --fetch downloads them")
+    w.add_argument("target", help="an anonymizer preset (camouflage-base-paper) or a grid (configs/grids/full.yaml)")
+    w.add_argument("--root", help="the weights root to check (default: $ANONRISK_WEIGHTS, else ./weights)")
+    w.add_argument("--fetch", metavar="DIR", help="download what is missing into DIR (huggingface_hub; HF_ENDPOINT picks the server)")
+    w.set_defaults(fn=cmd_weights)
     au = sub.add_parser("audit", help="privacy report for a folder of originals and a folder of their anonymized images (no config)")
     au.add_argument("originals", help="folder of original images")
     au.add_argument("anonymized", help="folder of anonymized images at the same relative paths (any image extension)")

@@ -171,7 +171,9 @@ def _anonymizer(spec: Spec, key: str) -> Anonymizer:
         presets = preset_names()
         raise ConfigError(f"{key}: unknown anonymizer {spec.kind!r}; built-in kinds: {', '.join(ANONYMIZERS.names())}; "
                           f"presets: {', '.join(presets) or '(none found)'}")
-    return ANONYMIZERS.build(spec.kind, key, **spec.params)
+    from anonrisk.weights import localize  # weights/... and fetched hub ids under $ANONRISK_WEIGHTS (anonrisk weights)
+
+    return ANONYMIZERS.build(spec.kind, key, **localize(spec.params))
 
 
 def linkage_only(cfg: RunConfig) -> RunConfig:
