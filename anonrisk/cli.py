@@ -37,6 +37,11 @@ def cmd_run(args) -> int:
     doc = Pipeline(_load(args)).run(args.only)
     print(doc["table"])
     print(f"results: {doc['results_dir']}/ (metrics.json, report.md, plots/)")
+    if doc.get("mlflow"):
+        from anonrisk.tracking.mlflow_log import ui_hint
+
+        m = doc["mlflow"]
+        print(ui_hint(m["tracking_uri"], m["experiment_id"], m["parent_run_id"]))
     return 0
 
 
