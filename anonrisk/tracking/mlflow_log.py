@@ -47,6 +47,7 @@ def resolved_uri(cfg: RunConfig) -> str:
 
 def client(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded result.json
     from mlflow import MlflowClient
 
     if not log.isEnabledFor(logging.DEBUG):  # -v keeps them; else "Creating initial MLflow database tables..." etc.
