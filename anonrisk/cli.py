@@ -114,18 +114,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    runs = Path(args.runs_dir)
-    if not runs.is_dir():
-        print(f"no runs under {runs}/")
-        return 0
-    for stage in ("prepare", "anonymize", "train", "evaluate", "quality", "embed", "cell"):
-        for marker in sorted((runs / stage).glob("**/config.json")):
-            d = marker.parent
-            status = "done" if (d / "DONE").exists() else "partial"
-            print(f"{stage:10s} {status:8s} {d.relative_to(runs)}")
-    results = Path(args.results_dir)
-    for m in sorted(results.glob("*/metrics.json")):
-        print(f"{'results':10s} {'':8s} {m.parent}")
+    from anonrisk.launch.listing import list_kinds, list_stages
+
+    print(list_kinds() if args.what == "kinds" else list_stages(args.runs_dir, args.results_dir))
     return 0
 
 
@@ -251,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--cols", help="axis across (default: the first other axis that varies)")
     cmp_.add_argument("--out", help="write comparison.md and comparison.png here")
     cmp_.set_defaults(fn=cmd_compare)
-    ls = sub.add_parser("ls", help="list stage directories and results")
+    ls = sub.add_parser("ls", help="list stage directories (anonymizer, attack, backbone, state, size, age) and results; "
+                                   "`ls kinds`: the anonymizers, attacks, datasets and presets")
+    ls.add_argument("what", nargs="?", choices=["stages", "kinds"], default="stages")
     ls.add_argument("--runs-dir", default="runs")
     ls.add_argument("--results-dir", default="results")
     ls.set_defaults(fn=cmd_ls)

@@ -158,3 +158,28 @@ def test_step_logger_one_point_per_step_and_never_stops_training(tmp_path, caplo
 
 def _refuse(*args, **kwargs):
     raise ConnectionError("connection refused")
+
+
+@pytest.mark.slow  # shares the tiny run
+def test_ls_names_each_stage(tiny_run, capsys):
+    from anonrisk.cli import main
+
+    tmp, _, _ = tiny_run
+    assert main(["ls", "--runs-dir", str(tmp / "runs"), "--results-dir", str(tmp / "results")]) == 0
+    rows = {line.split()[-1]: line for line in capsys.readouterr().out.splitlines()[1:] if not line.startswith("results")}
+    by_stage = {path.split("/")[0]: [line for p, line in rows.items() if p.startswith(path.split("/")[0])] for path in rows}
+    assert "dataset=synthetic" in by_stage["prepare"][0] and all("anonymizer=blur" in line for line in by_stage["anonymize"])
+    assert "anonymizer=blur attack=contrastive backbone=test_resnet" in by_stage["train"][0]
+    assert {"attack=contrastive", "attack=edge"} == {w for line in by_stage["evaluate"] for w in line.split() if w.startswith("attack=")}
+    assert all(" done " in line and " ago " in line and ("KB" in line or "MB" in line) for line in rows.values())
+
+
+def test_ls_hints_when_empty_and_lists_kinds_with_params(tmp_path, capsys):
+    from anonrisk.cli import main
+
+    assert main(["ls", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]) == 0
+    assert "no stages under" in capsys.readouterr().out
+    assert main(["ls", "kinds"]) == 0
+    out = capsys.readouterr().out
+    assert "  blur " in out and "sigma=0.06" in out and "  contrastive " in out and "edges='canny'" in out
+    assert "  synthetic " in out and "identities=150" in out and "controlnet-canny-tiny" in out and "kind=diffusion" in out
