@@ -255,14 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from anonrisk.errors import AnonriskError
+    from anonrisk.launch.ranks import quiet_other_ranks
+
+    quiet_other_ranks(logging.DEBUG if args.verbose else logging.INFO)  # under torchrun: rank 0 talks
 
     try:
         return args.fn(args)
     except AnonriskError as exc:
         if args.verbose:
             raise
-        print(f"anonrisk: error: {exc}", file=sys.stderr)
-        return 2
+        code = getattr(exc, "exit_code", 2)  # a checkpoint-and-stop is no error: its own code (train.Preempted)
+        print(f"anonrisk: {'error: ' if code == 2 else ''}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("anonrisk: interrupted; finished shards and checkpoints are kept, rerun to resume", file=sys.stderr)
         return 130

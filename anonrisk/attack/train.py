@@ -33,7 +33,10 @@ TRAIN_VERSION = 2  # 2: one forward over [anonymized; originals], engines, per-(
 
 
 class Preempted(AnonriskError):
-    """Training stopped on a signal after writing a checkpoint; rerun to resume."""
+    """Training stopped on a signal after writing a checkpoint; rerun to resume. ``anonrisk`` exits with
+    ``exit_code`` (EX_TEMPFAIL: try again), one line and no traceback."""
+
+    exit_code = 75
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -169,7 +172,7 @@ def train_attack(
             if done % cfg.checkpoint_every == 0 or stopping:
                 engine.save(ckpt_dir, done)
             if stopping and done < cfg.steps:
-                raise Preempted(f"training stopped by signal at step {done}; checkpoint saved in {ckpt_dir}")
+                raise Preempted(f"training stopped by signal at step {done}; checkpoint saved in {ckpt_dir}; rerun to resume")
 
     state = engine.export()  # a collective under ZeRO-3: every rank calls it
     temperature = engine.temperature()
