@@ -3,6 +3,8 @@ to a real sqlite store; the samples grids; the live step logger against a real a
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -88,7 +90,7 @@ def test_rerun_logs_nothing_and_changed_settings_supersede(tiny_run, capsys):
     _, same = mlflow_runs(tmp)
     assert {r.info.run_id for r in same} == {r.info.run_id for r in before}  # same plan, same numbers: nothing new
     # issue 15.4: other settings, other numbers; the old runs say they are superseded, the new ones hold the new numbers
-    again = Pipeline(tiny_cfg(tmp, "evaluate.bootstrap=30", "evaluate.protocols=[full-ref,single-ref]")).run()
+    again = Pipeline(tiny_cfg(tmp, "evaluate.bootstrap=30", "evaluate.protocols=[full-ref,single-ref]", "tracking.log_images=true")).run()
     _, runs = mlflow_runs(tmp)
     new = [r for r in runs if r.info.run_id not in {b.info.run_id for b in before}]
     old = [r for r in runs if r.info.run_id in {b.info.run_id for b in before}]
@@ -99,7 +101,15 @@ def test_rerun_logs_nothing_and_changed_settings_supersede(tiny_run, capsys):
     edge = again["results"]["blur"]["attacks"]["edge"]["protocols"]["full-ref/exclude-source"]["top1"]
     assert child.data.metrics["edge/top1_lo"] == pytest.approx(edge["ci95"][0])
     # a reused training still gives the new child its whole curve
-    assert len(mlflow_runs(tmp)[0].get_metric_history(child.info.run_id, "train/loss")) == 8
+    client = mlflow_runs(tmp)[0]
+    assert len(client.get_metric_history(child.info.run_id, "train/loss")) == 8
+    # tracking.log_images: the samples grid in the child run, anonymized images only (half the width of the
+    # results/ grid, which shows the synthetic originals beside them)
+    from PIL import Image
+
+    logged = Image.open(client.download_artifacts(child.info.run_id, "samples/samples_blur.png", str(tmp)))
+    shown = Image.open(Path(again["results_dir"]) / "plots" / "samples_blur.png")
+    assert logged.size[0] < 0.7 * shown.size[0] and abs(logged.size[1] - shown.size[1]) <= 4
 
 
 @pytest.mark.slow  # the tiny run: about 30 s on 2 quiet cores, shared by the three
@@ -183,3 +193,66 @@ def test_ls_hints_when_empty_and_lists_kinds_with_params(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "  blur " in out and "sigma=0.06" in out and "  contrastive " in out and "edges='canny'" in out
     assert "  synthetic " in out and "identities=150" in out and "controlnet-canny-tiny" in out and "kind=diffusion" in out
+
+
+@pytest.mark.slow  # an mlflow server (about 8 s) and headless Chromium on the tiny run
+def test_mlflow_ui_in_a_real_browser_shows_the_child_run_and_its_curve(tiny_run, tmp_path):
+    import shutil
+    import socket
+    import subprocess
+    import urllib.request
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the test extra) drives the browser")
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("headless Chromium absent: apt-get install -y chromium chromium-driver")
+    tmp, _, _ = tiny_run
+    state = json.loads((Path(tiny_run[1]["results_dir"]) / "mlflow.json").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", state["tracking_uri"],
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = chromium
+        for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900"):
+            opts.add_argument(a)
+        from selenium.webdriver.chrome.service import Service
+
+        browser = webdriver.Chrome(service=Service(driver), options=opts)
+        try:
+            child = state["children"]["blur"]["run_id"]
+            page = f"{base}/#/experiments/{state['experiment_id']}/runs/{child}"
+            text = _page_text(browser, page, "Parent run")
+            assert "tiny/blur" in text and "Finished" in text and "anonrisk.anonymizer" in text
+            text = _page_text(browser, page + "/model-metrics", "train")
+            assert all(s in text for s in ("worst", "leakage", "utility", "train")), text[:2000]  # the metric sections
+            browser.save_screenshot(str(tmp_path / "child.png"))
+            assert (tmp_path / "child.png").stat().st_size > 10_000
+        finally:
+            browser.quit()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _page_text(browser, url: str, wait_for: str, timeout: float = 60) -> str:
+    browser.get(url)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = browser.find_element("tag name", "body").text
+        if wait_for in text:
+            return text
+        time.sleep(0.5)
+    return browser.find_element("tag name", "body").text
