@@ -61,24 +61,11 @@ def start_grid_runs(plan) -> dict[str, Any]:
         params.update(ml.flatten("anonymizer", cell.spec.model_dump(mode="json"), {}))
         ml.log_batch(client, child.info.run_id, params=ml.params_of(params))
         if old_id:
-            supersede(client, old_id, child.info.run_id)
+            ml.supersede(client, old_id, child.info.run_id)
         state["children"][cell.id] = {"run_id": child.info.run_id, "fingerprint": fp}
         write_json(state_path, state)  # after each child: a failed submit never orphans a run id
     write_json(state_path, state)
     return state
-
-
-def supersede(client, run_id: str, by: str) -> None:
-    """An old run that no longer describes the cell's numbers says so in its name and tags."""
-    try:
-        run = client.get_run(run_id)
-        client.set_tag(run_id, "anonrisk.superseded_by", by)
-        if not run.info.run_name.endswith("(superseded)"):
-            client.update_run(run_id, name=f"{run.info.run_name} (superseded)")
-        if run.info.status == "RUNNING":
-            client.set_terminated(run_id, "KILLED")
-    except Exception as exc:  # noqa: BLE001 - deleted by hand
-        log.debug("MLflow: cannot mark run %s superseded: %s", run_id, exc)
 
 
 def _labels(values) -> list:

@@ -219,3 +219,17 @@ def ui_hint(uri: str, exp_id: str, run_id: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"MLflow: {uri.rstrip('/')}/{page}"
     return f"MLflow: mlflow ui --backend-store-uri {uri} --port 5000, then http://127.0.0.1:5000/{page}"
+
+
+def supersede(client, run_id: str, by: str) -> None:
+    """An old run (a run's or a grid cell's) that no longer describes the numbers says so in its name and tags
+    (a run killed without a word, still RUNNING, ends KILLED)."""
+    try:
+        run = client.get_run(run_id)
+        client.set_tag(run_id, "anonrisk.superseded_by", by)
+        if not run.info.run_name.endswith("(superseded)"):
+            client.update_run(run_id, name=f"{run.info.run_name} (superseded)")
+        if run.info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001 - deleted by hand
+        log.debug("MLflow: cannot mark run %s superseded: %s", run_id, exc)

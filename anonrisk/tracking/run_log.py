@@ -95,15 +95,7 @@ class RunTracker:
         """The previous runs of results/<run>/ now describe numbers it no longer holds: say so in their names."""
         new = self.state["parent_run_id"]
         for run_id in [old["parent_run_id"], *[c["run_id"] if isinstance(c, dict) else c for c in old.get("children", {}).values()]]:
-            try:
-                run = self.client.get_run(run_id)
-                self.client.set_tag(run_id, "anonrisk.superseded_by", new)
-                if not run.info.run_name.endswith("(superseded)"):
-                    self.client.update_run(run_id, name=f"{run.info.run_name} (superseded)")
-                if run.info.status == "RUNNING":  # killed without a word (SIGKILL, a node lost)
-                    self.client.set_terminated(run_id, "KILLED")
-            except Exception as exc:  # noqa: BLE001 - deleted by hand, another store
-                log.debug("MLflow: cannot mark run %s superseded: %s", run_id, exc)
+            ml.supersede(self.client, run_id, new)
 
     # ---- one anonymizer --------------------------------------------------------------------------------
     def _open_child(self, target) -> dict[str, Any]:
