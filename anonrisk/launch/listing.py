@@ -1,6 +1,5 @@
 """``anonrisk ls``: what each stage directory under runs_dir is (its anonymizer, attack, backbone), its state,
-size and age; ``anonrisk ls kinds``: the anonymizers, attacks, datasets and presets that exist, with their
-parameters (each kind's pydantic ``Params``; plugins from entry points name their package)."""
+size and age, with a hint when there is none; the anonymizer presets for ``anonrisk ls kinds``."""
 
 from __future__ import annotations
 
@@ -106,41 +105,16 @@ def list_stages(runs_dir: str, results_dir: str) -> str:
     return "\n".join(lines)
 
 
-def _params(model) -> str:
-    fields = getattr(model, "model_fields", {})
-    return ", ".join(f"{k}={v.default!r}" if not v.is_required() else f"{k} (required)" for k, v in fields.items()) or "-"
+def list_presets() -> str:
+    """The anonymizer presets (``configs/anonymizers/*.yaml``) with their kinds (``cli.print_kinds`` lists the
+    kinds themselves)."""
+    import yaml
 
-
-def _plugins(group: str) -> dict[str, str]:
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep.dist.name if ep.dist is not None else "?" for ep in entry_points(group=group)}
-
-
-def list_kinds() -> str:
-    """Every registered kind with its parameters and defaults, then the anonymizer presets."""
-    import anonrisk.anonymize  # noqa: F401 - importing a package registers its kinds
-    import anonrisk.attack  # noqa: F401
-    import anonrisk.data  # noqa: F401
-    from anonrisk.anonymize.base import ANONYMIZERS
-    from anonrisk.attack.base import ATTACKS
     from anonrisk.config.loader import preset_dirs, preset_names
-    from anonrisk.data.datasets import DATASETS
 
-    lines = []
-    for title, reg in (("anonymizers", ANONYMIZERS), ("attacks", ATTACKS), ("datasets", DATASETS)):
-        plugins = _plugins(reg.group) if reg.group else {}
-        lines.append(f"{title}:")
-        for name in reg.names():
-            origin = f"  [plugin: {plugins[name]}]" if name in plugins else ""
-            lines.append(f"  {name:24s} {_params(getattr(reg.get(name), 'Params', None))}{origin}")
-    lines.append("anonymizer presets (configs/anonymizers/*.yaml: a kind with its params):")
+    lines = ["anonymizer presets (configs/anonymizers/*.yaml: a kind with its params):"]
     for name in preset_names(preset_dirs(None)):
         path = next((d / f"{name}.yaml" for d in preset_dirs(None) if (d / f"{name}.yaml").exists()), None)
-        kind = ""
-        if path is not None:
-            import yaml
-
-            kind = (yaml.safe_load(path.read_text()) or {}).get("kind", "")
-        lines.append(f"  {name:24s} kind={kind}")
+        kind = (yaml.safe_load(path.read_text()) or {}).get("kind", "") if path is not None else ""
+        lines.append(f"  {name:28s} kind={kind}")
     return "\n".join(lines)
