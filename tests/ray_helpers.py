@@ -106,6 +106,29 @@ def wait_for(cond, timeout: float, what: str, every: float = 0.1):
 
 
 
+FAKE_CLUSTER_ENV = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}  # the head of a fake autoscaling cluster
+
+
+def fake_autoscaling_config(gcs: str, max_nodes: int, gpus_per_node: int = 1, cpus_per_node: int = 1, head_cpus: int = 1) -> dict:
+    """Ray's fake multi-node provider (the fields of its fake_multi_node/example.yaml, which
+    ``ray.cluster_utils.AutoscalingCluster`` uses): a head without GPU and a ``gpu_worker`` type with fake GPUs
+    at ``min_workers: 0``, whose nodes the autoscaler starts as real Ray processes on this machine."""
+    return {
+        "cluster_name": "anonrisk-fake", "max_workers": max_nodes,
+        "provider": {"type": "fake_multinode", "gcs_address": gcs, "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            "gpu_worker": {"resources": {"CPU": cpus_per_node, "GPU": gpus_per_node, "object_store_memory": 100_000_000},
+                           "node_config": {}, "min_workers": 0, "max_workers": max_nodes},
+        },
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 5, "docker": {},
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
 @contextmanager
 def start_head(num_cpus: int = 2, extra_env: dict | None = None, extra_args: list[str] = (), config=None):
     """`ray start --head --block` on loopback with its own ports and temp dir, in a new process group.

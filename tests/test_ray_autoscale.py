@@ -24,34 +24,15 @@ from anonrisk.anonymize.runner import output_path
 from anonrisk.data.records import read_manifest
 from anonrisk.pipeline import Pipeline
 from anonrisk.stages import read_json
-from tests.ray_helpers import SLOW, alive, outputs, run_config, start_head, wait_for, writes
+from tests.ray_helpers import FAKE_CLUSTER_ENV, SLOW, alive, fake_autoscaling_config, outputs, run_config, start_head, wait_for, writes
 
 pytestmark = pytest.mark.slow
 GPU_NODES_MAX = 3
 
 
-def fake_autoscaling_config(gcs: str) -> dict:
-    """The fake provider's cluster config (the fields of Ray's fake_multi_node/example.yaml)."""
-    return {
-        "cluster_name": "anonrisk-fake", "max_workers": GPU_NODES_MAX,
-        "provider": {"type": "fake_multinode", "gcs_address": gcs, "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True},
-        "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
-            "gpu_worker": {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": 100_000_000}, "node_config": {},
-                           "min_workers": 0, "max_workers": GPU_NODES_MAX},
-        },
-        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 5, "docker": {},
-        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
-        "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
-    }
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    with start_head(num_cpus=1, extra_env=env, config=fake_autoscaling_config) as head:
+    with start_head(num_cpus=1, extra_env=FAKE_CLUSTER_ENV, config=lambda gcs: fake_autoscaling_config(gcs, GPU_NODES_MAX)) as head:
         yield head
 
 

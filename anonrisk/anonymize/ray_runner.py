@@ -86,6 +86,7 @@ class ShardWorker:
         self.device = actor_device(device, self.anonymizer.device_kind, self.gpu_ids, cuda, self.node)
         self.anonymizer.setup(self.device)
         self.setup_seconds = time.perf_counter() - t0
+        self.ready_at = time.time()  # wall clock: the driver compares it with its own start
         self.log_file = None
         self.log_lock = threading.Lock()
 
@@ -113,7 +114,7 @@ class ShardWorker:
                       on_write=self._logged(k), write_threads=self.write_threads)
         marker = {"ids": [r.id for r in records], **t, "decode_seconds": float(batch["decode_seconds"][0]) if decoded is not None else 0.0,
                   "worker": {"pid": os.getpid(), "node": self.node, "device": self.device, "gpu_ids": self.gpu_ids,
-                             "setup_seconds": self.setup_seconds}}
+                             "setup_seconds": self.setup_seconds, "ready_at": self.ready_at}}
         write_json(shard_marker(self.out_dir, k), marker)
         return {"shard": np.array([k]), "marker": np.array([json.dumps(marker, default=str)])}
 
@@ -175,7 +176,7 @@ def anonymize_ray(job: AnonymizeJob) -> StageDir:
         shards, pending = start_stage(job)
         pool = plan_pool(ray.cluster_resources(), rc, job.anonymizer, len(pending))
         decode_in_tasks = rc.decode == "tasks" or (rc.decode == "auto" and pool.gpus > 0)
-        t0, cpu0 = time.perf_counter(), time.process_time()
+        t0, cpu0, wall0 = time.perf_counter(), time.process_time(), time.time()
         markers: dict[int, dict] = {}
         first_output = None
         if pending:
@@ -203,7 +204,8 @@ def anonymize_ray(job: AnonymizeJob) -> StageDir:
                     if mine is not None:
                         raise mine from None
                     raise
-        summary = _summary(job, shards, markers, pool, decode_in_tasks, conn, time.perf_counter() - t0, time.process_time() - cpu0, first_output)
+        summary = _summary(job, shards, markers, pool, decode_in_tasks, conn, time.perf_counter() - t0, time.process_time() - cpu0, first_output,
+                           wall0)
         finish_stage(stage, job.records, summary)
         return stage
     finally:
@@ -216,7 +218,7 @@ def _resources(ray) -> str:
     return f"CPU={r.get('CPU', 0):g}, GPU={r.get('GPU', 0):g}"
 
 
-def _summary(job, shards, markers, pool: PoolPlan, decode_in_tasks, conn, seconds, driver_cpu, first_output) -> dict[str, Any]:
+def _summary(job, shards, markers, pool: PoolPlan, decode_in_tasks, conn, seconds, driver_cpu, first_output, wall0) -> dict[str, Any]:
     computed = sum(m["computed"] for m in markers.values())
     shard_seconds = [m["seconds"] for m in markers.values()]
     workers = {(m["worker"]["node"], m["worker"]["pid"]): m["worker"] for m in markers.values()}
@@ -229,6 +231,8 @@ def _summary(job, shards, markers, pool: PoolPlan, decode_in_tasks, conn, second
         "nodes": len({node for node, _ in workers}),
         "setup_seconds": max((w["setup_seconds"] for w in workers.values()), default=0.0),
         "first_output_seconds": first_output or 0.0,  # pool start, model setup and the first shard
+        # the first actor ready to work (process start and model setup): what one stage pays once
+        "first_ready_seconds": max(0.0, min((w.get("ready_at", wall0) for w in workers.values()), default=wall0) - wall0),
         "driver_cpu_seconds": driver_cpu,
         "images_per_second": computed / seconds if seconds > 0 and computed else 0.0,
         "shard_seconds": {"min": min(shard_seconds, default=0.0), "mean": sum(shard_seconds) / len(shard_seconds) if shard_seconds else 0.0,
