@@ -97,6 +97,22 @@ def test_actor_device_treats_a_fake_gpu_as_a_label():
         actor_device("auto", "gpu", ["0"], no_cuda)
 
 
+def test_relative_output_dirs_are_refused_only_inside_a_ray_job(monkeypatch, tmp_path):
+    from anonrisk.config import load_config
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert load_config(None, ["runs_dir=runs"]).runs_dir == "runs"  # outside a job: relative to the cwd, as always
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}}))
+    with pytest.raises(ConfigError, match=r"^runs_dir: 'runs' is relative, and this runs as a Ray job \(--working-dir gcs://_ray_pkg_abc\.zip\)"):
+        load_config(None, ["runs_dir=runs", f"results_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"^results_dir: 'results' is relative.*results_dir=\$PWD/results"):
+        load_config(None, [f"runs_dir={tmp_path}"])
+    assert load_config(None, [f"runs_dir={tmp_path}", f"results_dir={tmp_path}"]).runs_dir == str(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}}))  # no --working-dir: still Ray's cwd
+    with pytest.raises(ConfigError, match=r"Ray job \(no --working-dir\)"):
+        load_config(None, ["runs_dir=runs"])
+
+
 def test_png_writer_threads_write_the_same_files_once(tmp_path):
     """run_shard with writer threads beside the anonymizer: same bytes as inline writes, each record once."""
     from anonrisk.anonymize import build_anonymizer
@@ -184,7 +200,7 @@ def submit(ray_head, workdir: Path, *args: str) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir WORKDIR -- anonrisk ARGS`, as a user types it in WORKDIR."""
     runtime_env = json.dumps({"env_vars": {k: ENV[k] for k in ("PYTHONPATH", "OMP_NUM_THREADS", "RAY_AUTH_MODE")}})
     return subprocess.run([str(RAY_BIN), "job", "submit", "--address", ray_head.dashboard, "--working-dir", ".", "--runtime-env-json",
-                           runtime_env, "--", "python", "-m", "anonrisk", *args], capture_output=True, text=True, env=ray_head.env,
+                           runtime_env, "--", sys.executable, "-m", "anonrisk", *args], capture_output=True, text=True, env=ray_head.env,
                           timeout=300, cwd=workdir)
 
 
@@ -205,7 +221,8 @@ def test_job_submit_with_two_actors_equals_the_single_process_runner(ray_head, t
     (tmp_path / "job").mkdir()
     write_config(tmp_path / "job" / "c.yaml", run_config("runs", "resynth"))
     t0 = time.monotonic()
-    res = submit(ray_head, tmp_path / "job", "anonymize", "c.yaml", f"runs_dir={tmp_path / 'ray'}", "anonymize.ray.num_workers=2",
+    res = submit(ray_head, tmp_path / "job", "anonymize", "c.yaml", f"runs_dir={tmp_path / 'ray'}", f"results_dir={tmp_path / 'results'}",
+                 "anonymize.ray.num_workers=2",
                  "anonymize.ray.decode=tasks")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     print(f"job submit to done: {time.monotonic() - t0:.1f} s")
