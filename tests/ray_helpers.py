@@ -137,8 +137,12 @@ def start_head(num_cpus: int = 2, extra_env: dict | None = None, extra_args: lis
     tmp = tempfile.mkdtemp(prefix="anonrisk-ray-", dir="/tmp")  # short: Ray's socket paths are length-limited
     names = ["port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"]
-    ports = {n: free_port() for n in names}
-    low = free_port()
+    low = free_port()  # the workers' range is low..low+100; every other port distinct and outside it
+    ports: dict[str, int] = {}
+    for n in names:
+        while (port := free_port()) in ports.values() or low <= port <= low + 100:
+            pass
+        ports[n] = port
     gcs = f"127.0.0.1:{ports['port']}"
     cmd = [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
            f"--temp-dir={tmp}", "--object-store-memory=200000000", "--include-dashboard=true", "--disable-usage-stats",
@@ -165,7 +169,10 @@ def start_head(num_cpus: int = 2, extra_env: dict | None = None, extra_args: lis
         yield SimpleNamespace(gcs=gcs, dashboard=dashboard, env=env, tmp=tmp, pgid=proc.pid)
     finally:
         # the group is ours alone (start_new_session) and the cluster is throwaway: no graceful drain
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # `ray start` exited (it failed to start): nothing left in its group
+            pass
         proc.wait()
         wait_for(lambda: not group_pids(proc.pid), 15, "the head's processes to exit")
         subprocess.run(["rm", "-rf", tmp], check=False)
