@@ -110,9 +110,11 @@ class ShardWorker:
         decoded = None
         if "images" in batch:
             decoded = dict(zip(json.loads(batch["todo"][0]), batch["images"][0]))
+        cpu0 = time.thread_time()  # this thread's CPU (the writer threads' not included)
         t = run_shard(self.anonymizer, records, self.out_dir, self.image_size, self.batch_size, self.seed, decoded=decoded,
                       on_write=self._logged(k), write_threads=self.write_threads)
-        marker = {"ids": [r.id for r in records], **t, "decode_seconds": float(batch["decode_seconds"][0]) if decoded is not None else 0.0,
+        marker = {"ids": [r.id for r in records], **t, "cpu_seconds": time.thread_time() - cpu0,
+                  "decode_seconds": float(batch["decode_seconds"][0]) if decoded is not None else 0.0,
                   "worker": {"pid": os.getpid(), "node": self.node, "device": self.device, "gpu_ids": self.gpu_ids,
                              "setup_seconds": self.setup_seconds, "ready_at": self.ready_at}}
         write_json(shard_marker(self.out_dir, k), marker)
@@ -239,5 +241,6 @@ def _summary(job, shards, markers, pool: PoolPlan, decode_in_tasks, conn, second
                           "max": max(shard_seconds, default=0.0)},
         "decode": "tasks" if decode_in_tasks else "actor",
         "decode_seconds": sum(m["decode_seconds"] for m in markers.values()),  # in decode tasks
+        "shard_cpu_seconds": sum(m.get("cpu_seconds", 0.0) for m in markers.values()),  # the actors' CPU inside run_shard
         "worker_pids": sorted({pid for _, pid in workers}),
     }
