@@ -112,7 +112,7 @@ class ShardWorker:
             decoded = dict(zip(json.loads(batch["todo"][0]), batch["images"][0]))
         cpu0 = time.thread_time()  # this thread's CPU (the writer threads' not included)
         t = run_shard(self.anonymizer, records, self.out_dir, self.image_size, self.batch_size, self.seed, decoded=decoded,
-                      on_write=self._logged(k), write_threads=self.write_threads)
+                      on_write=self._logged(k), write_threads=self.write_threads, shard=k)
         marker = {"ids": [r.id for r in records], **t, "cpu_seconds": time.thread_time() - cpu0,
                   "decode_seconds": float(batch["decode_seconds"][0]) if decoded is not None else 0.0,
                   "worker": {"pid": os.getpid(), "node": self.node, "device": self.device, "gpu_ids": self.gpu_ids,
