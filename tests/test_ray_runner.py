@@ -230,8 +230,9 @@ def test_job_submit_with_two_actors_equals_the_single_process_runner(ray_head, t
     summary = read_json(ray_stage / "DONE")
     assert summary["connected"] == f"the Ray cluster at {ray_head.gcs} (from RAY_ADDRESS)"
     assert f"on the Ray cluster at {ray_head.gcs} (from RAY_ADDRESS)" in res.stdout + res.stderr
-    assert summary["runner"] == "ray" and summary["workers"] == 2 and summary["computed"] == 32 and summary["decode"] == "tasks"
-    assert len(summary["worker_pids"]) == 2  # both actors ran shards
+    assert summary["runner"] == "ray" and summary["computed"] == 32 and summary["decode"] == "tasks"
+    # a pool of two; Ray Data hands each decoded shard to a free actor, so on a loaded machine one may take them all
+    assert summary["pool"]["min"] == summary["pool"]["max"] == 2 and 1 <= len(summary["worker_pids"]) <= 2
 
     local = Pipeline(run_config(tmp_path / "local", "resynth", runner="local"))
     local_stage = local.anonymize(local.cfg.anonymizers[0]).path
