@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from functools import cached_property
+from pathlib import Path
 from typing import Optional, Union
 
 from anonrisk.config.schema import DataConfig, RunConfig, Spec
@@ -88,15 +89,16 @@ class Pipeline:
         from anonrisk.anonymize.runner import AnonymizeJob, anonymize_local
 
         t = self.target(target)
-        if t.anonymize.is_done():
-            return t.anonymize
-        t.anonymizer.validate()
-        job = AnonymizeJob(t.spec, t.anonymizer, self.records, t.anonymize, self.cfg.data.image_size, self.cfg.anonymize, self.progress)
-        if self.cfg.anonymize.runner == "ray":
-            from anonrisk.anonymize.ray_runner import anonymize_ray
+        with t.anonymize.lock():  # one process anonymizes; another waits, then reuses the stage
+            if t.anonymize.reuse(["manifest.jsonl"]):
+                return t.anonymize
+            t.anonymizer.validate()
+            job = AnonymizeJob(t.spec, t.anonymizer, self.records, t.anonymize, self.cfg.data.image_size, self.cfg.anonymize, self.progress)
+            if self.cfg.anonymize.runner == "ray":
+                from anonrisk.anonymize.ray_runner import anonymize_ray
 
-            return anonymize_ray(job)
-        return anonymize_local(job)
+                return anonymize_ray(job)
+            return anonymize_local(job)
 
     def _anonymized(self, t: TargetPlan) -> list[FaceRecord]:
         """The target's anonymized manifest for an attack, anonymizing first (in one process only)."""
@@ -125,7 +127,7 @@ class Pipeline:
         from anonrisk.evaluate.evaluate import measure_quality
 
         t = self.target(target)
-        anon = [] if t.quality.is_done() else read_manifest(self.anonymize(t) / "manifest.jsonl")
+        anon = [] if t.quality.reuse(["quality.json"]) else read_manifest(self.anonymize(t) / "manifest.jsonl")
         return measure_quality(anon, self.records, self.cfg.data.image_size, self.cfg.evaluate, t.quality)
 
     def attack_result(self, target: Target, attack: str) -> dict:
@@ -135,7 +137,7 @@ class Pipeline:
 
         t = self.target(target)
         a = self.attack(t, attack)
-        if a.evaluate.is_done():
+        if a.evaluate.reuse(["metrics.json"]):
             metrics = read_json(a.evaluate / "metrics.json")
         else:
             ctx = self.context(t, a)
@@ -183,9 +185,14 @@ class Pipeline:
         }
 
     # ---- the whole run ---------------------------------------------------------------------------
-    def run(self, only: Optional[list[str]] = None) -> dict:
+    def run(self, only: Optional[list[str]] = None, overwrite: bool = False) -> dict:
+        """Every stage and the report; refused before any work when ``results/<name>/`` holds results of other
+        settings (``overwrite`` replaces them)."""
+        from anonrisk.report.overwrite import check_overwrite, settings_of
         from anonrisk.report.report import write_report
 
+        targets = {n: t.fingerprints() for n, t in self.plan.targets.items() if not only or n in only}
+        check_overwrite(Path(self.cfg.results_dir) / self.cfg.name, settings_of(targets), overwrite)
         self.validate()
         self.prepare()
         unavailable = self.validate_attacks()
@@ -194,4 +201,4 @@ class Pipeline:
             if only and name not in only:
                 continue
             results[name] = self.report_card(t, unavailable)
-        return write_report(self.cfg, self.prepare(), results)
+        return write_report(self.cfg, self.prepare(), results, overwrite)

@@ -116,11 +116,12 @@ def run_shard(
 
 
 def finish_stage(stage: StageDir, records: Sequence[FaceRecord], summary: dict) -> None:
-    """Write the anonymized manifest (same ids, identities and splits; paths to the outputs) and DONE."""
+    """Write the anonymized manifest (same ids, identities and splits; paths to the outputs, relative to the
+    stage, with their sizes and hashes) and DONE."""
     missing = [r.id for r in records if not output_path(stage.path, r).exists()]
     if missing:
         raise RuntimeError(f"{stage}: {len(missing)} records have no output, e.g. {missing[:3]}")
-    out = [FaceRecord(r.id, r.identity, str(output_path(stage.path, r)), r.split, {"source": r.path}) for r in records]
+    out = [FaceRecord(r.id, r.identity, str(output_path(stage.path, r)), r.split, {"source": r.id}) for r in records]
     write_manifest(stage / "manifest.jsonl", out)
     # every distinct way a worker ran it (a resumed or mixed-device stage can have several)
     runtimes = []
@@ -128,7 +129,7 @@ def finish_stage(stage: StageDir, records: Sequence[FaceRecord], summary: dict) 
         rt = read_json(marker).get("runtime")
         if rt is not None and rt not in runtimes:
             runtimes.append(rt)
-    stage.mark_done({**summary, "runtime": runtimes})
+    stage.mark_done({**summary, "runtime": runtimes}, outputs=["manifest.jsonl"])
 
 
 def anonymize_local(job: AnonymizeJob) -> StageDir:
