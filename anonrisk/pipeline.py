@@ -63,7 +63,10 @@ class Pipeline:
         from anonrisk.attack.train_plan import check_training
 
         for t in self.plan.targets.values():
-            t.anonymizer.validate()
+            try:
+                t.anonymizer.validate()
+            except ValueError as exc:  # a kind's own check of its params
+                raise ConfigError(f"{t.anonymizer.key}: {exc}") from None
         for a in next(iter(self.plan.targets.values())).trained():
             check_training(a.train_config)
 

@@ -129,3 +129,16 @@ def _prepare(cfg: DataConfig, dataset: Dataset, stage: StageDir, root: Path | No
                                             "min_images_per_identity": cfg.min_images_per_identity, "first": list(dropped)[:20]}},
                     outputs=["manifest.jsonl"] + (["quarantine.json"] if dataset.needs_root else []))
     return records
+
+
+def preview_records(cfg: DataConfig, dataset: Dataset, stage: StageDir) -> list[FaceRecord]:
+    """The records prepare would make, from the dataset's listing alone (no image decoded, nothing written;
+    every image counted as readable): ``anonrisk validate`` checks the attacks' needs (aux identities, a
+    batch of distinct identities) against them. A finished stage's own manifest when there is one."""
+    root = _require_root(cfg) if dataset.needs_root else None
+    if stage.is_done():
+        return read_manifest(stage / "manifest.jsonl", root, check=False)
+    items = dataset.preview(DatasetContext(root, stage / "images", cfg.image_size, False))
+    check_items(items, f"dataset {cfg.dataset!r}")
+    by_identity, split_of, _ = select_identities(items, cfg)
+    return [FaceRecord(id=it.id, identity=ident, path=it.path, split=split_of[ident]) for ident, its in by_identity.items() for it in its]

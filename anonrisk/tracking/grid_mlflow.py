@@ -26,9 +26,9 @@ STATE = "mlflow.json"
 
 def _client(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow import MlflowClient
+    from anonrisk.tracking.store import ready_client
 
-    return MlflowClient(uri)
+    return ready_client(uri)
 
 
 def _uri(cfg) -> str:

@@ -62,7 +62,6 @@ def result_metrics(result: dict[str, Any]) -> dict[str, float]:
 def log_results(cfg: RunConfig, doc: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
-    from mlflow import MlflowClient
 
     uri = tracking_uri(cfg)
     state_path = out_dir / "mlflow.json"
@@ -71,7 +70,9 @@ def log_results(cfg: RunConfig, doc: dict[str, Any], out_dir: Path) -> dict[str,
         state = read_json(state_path)
         if state.get("tracking_uri") == uri and state.get("results_fp") == digest:
             return state
-    client = MlflowClient(uri)
+    from anonrisk.tracking.store import ready_client
+
+    client = ready_client(uri)  # a new sqlite store is created by one process at a time
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
     params = flatten("", {"data": doc["config"]["data"], "train": doc["config"]["train"], "evaluate": doc["config"]["evaluate"]}, {})
