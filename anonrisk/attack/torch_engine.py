@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 
 import torch
 
@@ -93,7 +94,7 @@ class TorchEngine(Engine):
                 continue
             try:
                 ckpt = torch.load(path, map_location=self.device, weights_only=True)
-            except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated or corrupted
+            except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:  # truncated or corrupted
                 log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, str(exc).splitlines()[0][:200])
                 unreadable.append(str(path))
                 continue
