@@ -359,3 +359,48 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"no space left on the device writing .*x.json: free space and rerun"):
         write_json(tmp_path / "x.json", {"a": 1})
     assert not list(tmp_path.iterdir())  # no temporary file left
+
+
+# ---- 13. results never silently replaced by other settings; grid status never calls stale results current --
+def test_a_run_with_other_settings_refuses_to_overwrite_its_results(tmp_path):
+    from anonrisk.config.loader import load_config
+    from anonrisk.pipeline import Pipeline
+
+    def validate(raw):
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+        return load_config(tmp_path / "c.yaml")
+
+    base = {**TINY, "attacks": ["edge"], "runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"),
+            "evaluate": {"bootstrap": 10, "leakage": False, "utility": {"enabled": False}}}
+    Pipeline(validate(base)).run()
+    metrics = tmp_path / "results" / "tiny" / "metrics.json"
+    before = metrics.read_bytes()
+    Pipeline(validate({**base, "progress": True})).run()  # operational settings only: same numbers, rewritten
+    other = validate({**base, "evaluate": {**base["evaluate"], "bootstrap": 11}})
+    with pytest.raises(ConfigError, match=r"results/tiny/ holds results of other settings \(identity: other settings of edge\): "
+                                          r"pass --overwrite to replace them, or give the run another name"):
+        Pipeline(other).run()
+    assert read_json(metrics)["results"] == json.loads(before)["results"]
+    doc = Pipeline(other).run(overwrite=True)
+    assert doc["config"]["evaluate"]["bootstrap"] == 11
+
+
+def test_grid_status_says_stale_when_a_cell_changed(tmp_path):
+    from anonrisk.launch.driver import results_state
+    from anonrisk.launch.grid import plan_grid
+    from anonrisk.launch.status import format_status, status
+    from anonrisk.stages import write_json
+    from tests.test_grid import write_grid
+
+    plan = plan_grid(write_grid(tmp_path), check=False)
+    cells = []
+    for c in plan.cells:
+        node = plan.nodes[plan.cell_nodes[c.id]["evaluate"]]
+        write_json(plan.runs_dir / node.key / "result.json", {"top1": 0.5})
+        write_json(plan.runs_dir / node.key / "DONE", {})
+        cells.append({"id": c.id, "result": {"top1": 0.5}})
+    write_json(plan.results_dir / "metrics.json", {"cells": cells, "missing": []})
+    assert results_state(plan) == "up to date"
+    write_json(plan.runs_dir / node.key / "result.json", {"top1": 0.7})  # the cell was redone after collect
+    assert results_state(plan) == "stale"
+    assert "(stale: anonrisk grid collect rewrites them)" in format_status(status(plan))

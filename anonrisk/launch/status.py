@@ -50,6 +50,6 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"{stage:10s} {c['total']:5d} {c['done']:5d} {c['queued']:6d} {c['failed']:6d} {c['not submitted']:13d}")
     lines += [f"  ! {p}" for p in st["problems"]]
     res = st["results_current"]  # up to date, stale or incomplete
-    res += " (anonrisk grid collect rewrites them)" if res == "stale" else ""
+    res += ": anonrisk grid collect rewrites them" if res == "stale" else ""
     lines.append(f"results: {st['results_dir']} ({res})" + (f"; collect job {st['collect_job']} {st['collect_state'] or ''}" if st["collect_job"] else ""))
     return "\n".join(lines)
