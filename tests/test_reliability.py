@@ -386,7 +386,6 @@ def test_a_run_with_other_settings_refuses_to_overwrite_its_results(tmp_path):
 
 
 def test_grid_status_says_stale_when_a_cell_changed(tmp_path):
-    from anonrisk.launch.driver import results_state
     from anonrisk.launch.grid import plan_grid
     from anonrisk.launch.status import format_status, status
     from anonrisk.stages import write_json
@@ -400,7 +399,6 @@ def test_grid_status_says_stale_when_a_cell_changed(tmp_path):
         write_json(plan.runs_dir / node.key / "DONE", {})
         cells.append({"id": c.id, "result": {"top1": 0.5}})
     write_json(plan.results_dir / "metrics.json", {"cells": cells, "missing": []})
-    assert results_state(plan) == "up to date"
+    assert "(up to date)" in format_status(status(plan))
     write_json(plan.runs_dir / node.key / "result.json", {"top1": 0.7})  # the cell was redone after collect
-    assert results_state(plan) == "stale"
     assert "(stale: anonrisk grid collect rewrites them)" in format_status(status(plan))
