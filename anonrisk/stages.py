@@ -62,6 +62,19 @@ def disk_full(path: str | os.PathLike) -> "DataError":
     return DataError(f"no space left on the device writing {path}: free space and rerun (finished stages and checkpoints are kept)")
 
 
+def out_of_space(path: str | os.PathLike) -> bool:
+    """Whether the filesystem holding ``path`` has (almost) no space left: libraries that write through C++
+    streams (torch.save) report a full disk as a bare RuntimeError."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 16)
+
+
 @contextlib.contextmanager
 def names_full_disk(path: str | os.PathLike) -> Iterator[None]:
     """A full disk (or quota) inside the block becomes a DataError naming ``path``."""
@@ -69,6 +82,10 @@ def names_full_disk(path: str | os.PathLike) -> Iterator[None]:
         yield
     except OSError as exc:
         if exc.errno in DISK_FULL:
+            raise disk_full(path) from None
+        raise
+    except RuntimeError:
+        if out_of_space(path):
             raise disk_full(path) from None
         raise
 
@@ -81,8 +98,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_path = _create_temp_beside(path)
         try:
-            yield tmp_path
-            os.replace(tmp_path, path)
+            try:
+                yield tmp_path
+                os.replace(tmp_path, path)
+            except RuntimeError:
+                if out_of_space(tmp_path):  # checked before the temporary file frees its space
+                    raise disk_full(path) from None
+                raise
         finally:
             if tmp_path.exists():
                 tmp_path.unlink()
