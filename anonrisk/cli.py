@@ -46,8 +46,15 @@ def cmd_stage(args) -> int:
 
     pipe = Pipeline(_load(args))
     if args.command == "prepare":
+        from anonrisk.stages import read_json
+
         stage = pipe.prepare()
-        print(f"prepare: {stage.path} ({len(pipe.records)} records)")
+        done = read_json(stage / "DONE")
+        dropped = done.get("dropped_identities") or {}
+        extra = (f"; {dropped['count']} identities with fewer than {dropped['min_images_per_identity']} images dropped "
+                 f"({dropped['images']} images)" if dropped.get("count") else "")
+        extra += f"; {done['quarantined']} images quarantined" if done.get("quarantined") else ""
+        print(f"prepare: {stage.path} ({len(pipe.records)} records{extra})")
         return 0
     if args.command == "report":
         pipe.prepare()

@@ -402,3 +402,42 @@ def test_grid_status_says_stale_when_a_cell_changed(tmp_path):
     assert "(up to date)" in format_status(status(plan))
     write_json(plan.runs_dir / node.key / "result.json", {"top1": 0.7})  # the cell was redone after collect
     assert "(stale: anonrisk grid collect rewrites them)" in format_status(status(plan))
+
+
+def test_prepare_command_prints_the_dropped_identities(tmp_path, capsys):
+    root = write_lfw(tmp_path / "d")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"runs_dir": str(tmp_path / "runs"), "progress": False, "data": {"dataset": "lfw", "root": str(root)}}))
+    assert cli("prepare", path) == 0
+    assert "(9 records; 1 identities with fewer than 2 images dropped (1 images))" in capsys.readouterr().out
+
+
+# ---- 14. MLflow's sqlite store is created once, under a lock ----------------------------------------------
+def _hold_store_lock(db, started, release):
+    from anonrisk.stages import file_lock
+
+    with file_lock(f"{db}.lock"):
+        started.set()
+        release.wait(30)
+
+
+def test_the_mlflow_sqlite_store_is_created_under_a_lock(tmp_path):
+    import threading
+
+    from anonrisk.tracking.store import ready_client
+
+    db = tmp_path / "mlflow.db"
+    ctx = mp.get_context("fork")
+    started, release = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold_store_lock, args=(db, started, release))
+    p.start()
+    assert started.wait(30)
+    got = []
+    t = threading.Thread(target=lambda: got.append(ready_client(f"sqlite:///{db}")))
+    t.start()
+    t.join(1.0)
+    assert t.is_alive() and not db.exists()  # waits for the other process before creating the store
+    release.set()
+    t.join(120)
+    p.join(30)
+    assert got and db.exists() and got[0].search_experiments()[0].name == "Default"
