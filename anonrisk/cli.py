@@ -130,6 +130,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_ls(args) -> int:
+    if args.what == "kinds":
+        return print_kinds()
     runs = Path(args.runs_dir)
     if not runs.is_dir():
         print(f"no runs under {runs}/")
@@ -142,6 +144,33 @@ def cmd_ls(args) -> int:
     results = Path(args.results_dir)
     for m in sorted(results.glob("*/metrics.json")):
         print(f"{'results':10s} {'':8s} {m.parent}")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from anonrisk.launch.audit import run_audit
+
+    attacks = tuple(a for a in ("edge", "recognizer") if not (a == "recognizer" and args.no_recognizer))
+    text, out = run_audit(args.originals, args.anonymized, args.out, args.labels, args.image_size, attacks)
+    print(text)
+    print(f"written: {out}/audit.md, report.md, metrics.json, leaderboard.md")
+    return 0
+
+
+def print_kinds() -> int:
+    """Every anonymizer, attack and dataset kind with the package it comes from and its settings; plugins that
+    failed to load with the reason (they never hide the others)."""
+    from anonrisk.plan import kinds
+
+    for kind, infos in kinds().items():
+        print(f"{kind}s:")
+        for k in infos:
+            if k.error:
+                print(f"  {k.name:14s} [{k.package}] FAILED: {k.error}")
+                continue
+            items = [f"{n}={f.default!r}" if not f.is_required() else f"{n} (required)" for n, f in k.params.model_fields.items()]
+            fields = ", ".join(items[:6]) + (f", ... ({len(items)} settings)" if len(items) > 6 else "")
+            print(f"  {k.name:14s} [{k.package}] {fields}")
     return 0
 
 
@@ -218,6 +247,22 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from anonrisk.launch import weights
+
+    items = weights.needs(args.target, args.fetch or args.root)
+    print(weights.table(items))
+    if args.fetch:
+        try:
+            lines = weights.fetch(items, args.fetch)
+        except weights.FetchFailed as exc:
+            print("\n".join(exc.lines))
+            print(f"anonrisk: error: {exc}", file=sys.stderr)
+            return 1
+        print("\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anonrisk", description="Measure how much identity survives image anonymization.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -272,7 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--cols", help="axis across (default: the first other axis that varies)")
     cmp_.add_argument("--out", help="write comparison.md and comparison.png here")
     cmp_.set_defaults(fn=cmd_compare)
-    ls = sub.add_parser("ls", help="list stage directories and results")
+    w = sub.add_parser("weights", help="the weights a preset or grid needs: source, local place, present or not; --fetch downloads them")
+    w.add_argument("target", help="an anonymizer preset (camouflage-base-paper) or a grid (configs/grids/full.yaml)")
+    w.add_argument("--root", help="the weights root to check (default: $ANONRISK_WEIGHTS, else ./weights)")
+    w.add_argument("--fetch", metavar="DIR", help="download what is missing into DIR (huggingface_hub; HF_ENDPOINT picks the server)")
+    w.set_defaults(fn=cmd_weights)
+    au = sub.add_parser("audit", help="privacy report for a folder of originals and a folder of their anonymized images (no config)")
+    au.add_argument("originals", help="folder of original images")
+    au.add_argument("anonymized", help="folder of anonymized images at the same relative paths (any image extension)")
+    au.add_argument("--out", help="results folder (default ./audit-<ANONYMIZED name>)")
+    au.add_argument("--labels", choices=["none", "folders"], default="none",
+                    help="none: every image its own identity (linkage only); folders: ORIGINALS/<identity>/<image>")
+    au.add_argument("--image-size", type=int, default=112, help="working size in pixels (default 112)")
+    au.add_argument("--no-recognizer", action="store_true", help="skip the off-the-shelf recognizer (dlib)")
+    au.set_defaults(fn=cmd_audit)
+    ls = sub.add_parser("ls", help="list stage directories and results (`ls kinds`: every kind and its package)")
+    ls.add_argument("what", nargs="?", choices=["kinds"], help="kinds: the anonymizer, attack and dataset kinds, plugins included")
     ls.add_argument("--runs-dir", default="runs")
     ls.add_argument("--results-dir", default="results")
     ls.set_defaults(fn=cmd_ls)

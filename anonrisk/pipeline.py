@@ -96,7 +96,8 @@ class Pipeline:
             if t.anonymize.reuse(["manifest.jsonl"]):
                 return t.anonymize
             t.anonymizer.validate()
-            job = AnonymizeJob(t.spec, t.anonymizer, self.records, t.anonymize, self.cfg.data.image_size, self.cfg.anonymize, self.progress)
+            job = AnonymizeJob(t.spec, t.anonymizer, self.records, t.anonymize, self.cfg.data.image_size, self.cfg.anonymize, self.progress,
+                               self.cfg.data.on_bad_image)
             if self.cfg.anonymize.runner == "ray":
                 from anonrisk.anonymize.ray_runner import anonymize_ray
 

@@ -89,7 +89,7 @@ def test_full_grid_plan_counts(monkeypatch, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"axes": {"anonymizer": ["identity", "blurr"]}}, "unknown anonymizer 'blurr'"),
     ({"axes": {"anonymizer": ["identity"], "backbone": ["resnet_51"]}}, "train.backbone 'resnet_51' is not a timm model"),
-    ({"axes": {"anonymizer": ["identity"], "dataset": ["imagenet"]}}, "data.dataset: unknown dataset 'imagenet'; known: celeba, folder, lfw, synthetic"),
+    ({"axes": {"anonymizer": ["identity"], "dataset": ["imagenet"]}}, "data.dataset: unknown dataset 'imagenet'; known: celeba, folder, hf, lfw, synthetic, unlabeled, wild"),
     ({"axes": {"anonymizer": ["identity"], "dataset": {"celeba": {"data.dataset": "celeba", "data.root": "/no/such/celeba"}}}},
      "data.root '/no/such/celeba' is not a directory"),
     ({"resources": {"train": {"gpus": 16}}}, "train.gpus=16 exceeds what cluster profile 'local' allows (max_gpus_per_node=8)"),

@@ -356,3 +356,17 @@ def test_killed_driver_rerun_redoes_only_unfinished_records(ray_head, tmp_path):
     for w in writes(stage_path):
         counts[w["id"]] = counts.get(w["id"], 0) + 1
     assert set(counts.values()) == {1}
+
+
+@pytest.mark.slow
+def test_command_anonymizer_on_ray_equals_the_local_runner(ray_driver, tmp_path):
+    """An external program run by the Ray actors, shard by shard: the same outputs and shard logs as locally."""
+    spec = {"name": "copy", "kind": "command", "params": {"command": "cp {input}/* {output}/"}}
+    ray_pipe = Pipeline(run_config(tmp_path / "ray", spec, num_workers=2))
+    ray_stage = ray_pipe.anonymize("copy").path
+    local = Pipeline(run_config(tmp_path / "local", spec, runner="local"))
+    local_stage = local.anonymize("copy").path
+    assert read_json(ray_stage / "DONE")["runner"] == "ray"
+    a, b = outputs(ray_stage), outputs(local_stage)
+    assert sorted(a) == sorted(b) and len(a) == 32 and all(np.array_equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (ray_stage / "log").glob("command-*.log")) == [f"command-{k:05d}.log" for k in range(8)]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from anonrisk.anonymize.schedulers import SCHEDULERS  # noqa: F401  (re-exported: the names live in schedulers.py)
 from anonrisk.errors import ConfigError
 
 log = logging.getLogger("anonrisk.diffusion")
@@ -121,15 +122,6 @@ class Models:
 
     def modules(self) -> list:
         return [self.unet, self.vae, self.text_encoder, *self.controlnets, *self.extra.values()]
-
-
-SCHEDULERS = {
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-}
 
 
 def torch_dtype(name: str, dev):

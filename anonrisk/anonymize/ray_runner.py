@@ -118,7 +118,7 @@ class ShardWorker:
         recs = [FaceRecord.from_json(r) for r in records]
         t = run_shard(self.anonymizer, recs, self.out_dir, self.image_size, self.batch_size, self.seed,
                       decoded=dict(zip(todo_ids, images)) if decoded is not None else None, on_write=self._logged(k),
-                      write_threads=self.write_threads)
+                      write_threads=self.write_threads, shard=k)
         marker = {"ids": [r.id for r in recs], **t, "decode_seconds": decode_seconds,
                   "worker": {"pid": os.getpid(), "node": self.node, "device": self.device}}
         write_json(shard_marker(self.out_dir, k), marker)

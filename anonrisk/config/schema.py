@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -131,6 +131,17 @@ class UtilityConfig(Strict):
     kid_subset_size: int = Field(100, ge=2)
 
 
+class VerificationConfig(Strict):
+    """1:1 verification per attack: TAR at each FAR with 95 % intervals by identity, EER. Its bootstrap re-sorts
+    every pair per draw, so by default it subsamples impostors and draws fewer times than the protocols."""
+
+    enabled: bool = True
+    fars: list[Annotated[float, Field(gt=0, lt=1)]] = [1e-2, 1e-3]
+    impostors_per_probe: Optional[int] = Field(20, ge=1)  # null: every impostor pair (slow at scale)
+    bootstrap: int = Field(100, ge=0)
+    all_modes: bool = False  # false: the first configured mode only (exclude-source; linkage without labels)
+
+
 class EvaluateConfig(Strict):
     protocols: list[Literal["full-ref", "few-ref", "single-ref"]] = ["full-ref", "few-ref", "single-ref"]
     modes: list[Literal["exclude-source", "linkage"]] = ["exclude-source", "linkage"]
@@ -142,6 +153,9 @@ class EvaluateConfig(Strict):
     leakage: bool = True
     leakage_tolerance: int = Field(2, ge=0, le=20)
     utility: UtilityConfig = UtilityConfig()
+    privacy: bool = True  # effective anonymity sets per attack (entropy and rank sets of full-ref)
+    verification: VerificationConfig = VerificationConfig()
+    verbatim: bool = True  # the share of pixels copied unchanged from the original (quality stage)
 
     @field_validator("pool_size")
     @classmethod

@@ -44,20 +44,22 @@ def split_identities(identities: list[str], test_fraction: float, aux_fraction: 
     return {ident: ("test" if k < n_test else "aux" if k < n_test + n_aux else "train") for k, ident in enumerate(order)}
 
 
-def select_identities(items: list[RawItem], cfg: DataConfig) -> tuple[dict[str, list[RawItem]], dict[str, str], dict[str, int]]:
+def select_identities(items: list[RawItem], cfg: DataConfig, min_images: int | None = None
+                      ) -> tuple[dict[str, list[RawItem]], dict[str, str], dict[str, int]]:
     """(images of each kept identity, identity -> split, dropped identity -> its image count): the filters
     and the identity-disjoint split, the same for ``prepare`` and for ``anonrisk validate``'s preview."""
+    min_images = cfg.min_images_per_identity if min_images is None else min_images
     by_identity: dict[str, list[RawItem]] = defaultdict(list)
     for it in items:
         by_identity[it.identity].append(it)
-    kept = sorted(k for k, v in by_identity.items() if len(v) >= cfg.min_images_per_identity)
-    dropped = {k: len(v) for k, v in sorted(by_identity.items()) if len(v) < cfg.min_images_per_identity}
+    kept = sorted(k for k, v in by_identity.items() if len(v) >= min_images)
+    dropped = {k: len(v) for k, v in sorted(by_identity.items()) if len(v) < min_images}
     if cfg.max_identities and len(kept) > cfg.max_identities:
         rng = np.random.default_rng(cfg.split.seed)
         kept = sorted(rng.choice(kept, cfg.max_identities, replace=False).tolist())
     if len(kept) < 3:
         raise DataError(
-            f"dataset {cfg.dataset!r}: only {len(kept)} identities have >= {cfg.min_images_per_identity} images; "
+            f"dataset {cfg.dataset!r}: only {len(kept)} identities have >= {min_images} images; "
             "need at least 3 (train and test identities)"
         )
     if cfg.split.use_official:
@@ -113,10 +115,11 @@ def _prepare(cfg: DataConfig, dataset: Dataset, stage: StageDir, root: Path | No
 
     if not items:
         raise DataError(f"dataset {cfg.dataset!r} at {cfg.root or stage.path}: no usable images found")
-    by_identity, split_of, dropped = select_identities(items, cfg)
+    min_images = cfg.min_images_per_identity if dataset.labeled else 1  # unlabeled: every image its own identity
+    by_identity, split_of, dropped = select_identities(items, cfg, min_images)
     if dropped:
         log.info("prepare: %d identities with fewer than %d images dropped (%d images), e.g. %s", len(dropped),
-                 cfg.min_images_per_identity, sum(dropped.values()), ", ".join(list(dropped)[:3]))
+                 min_images, sum(dropped.values()), ", ".join(list(dropped)[:3]))
     records = [
         FaceRecord(id=it.id, identity=ident, path=str(Path(it.path).absolute()), split=split_of[ident])
         for ident, its in by_identity.items()
@@ -124,9 +127,11 @@ def _prepare(cfg: DataConfig, dataset: Dataset, stage: StageDir, root: Path | No
     ]
     write_manifest(stage / "manifest.jsonl", records, root)
     counts = {s: sum(r.split == s for r in records) for s in ("train", "test", "aux")}
+    extra = {} if dataset.labeled else {"labeled": False}
+    extra.update(getattr(dataset, "prepare_summary", lambda: {})())  # e.g. the photos without a face
     stage.mark_done({"records": len(records), "identities": len(by_identity), "quarantined": len(bad), "split_records": counts,
                      "dropped_identities": {"count": len(dropped), "images": sum(dropped.values()),
-                                            "min_images_per_identity": cfg.min_images_per_identity, "first": list(dropped)[:20]}},
+                                            "min_images_per_identity": min_images, "first": list(dropped)[:20]}, **extra},
                     outputs=["manifest.jsonl"] + (["quarantine.json"] if dataset.needs_root else []))
     return records
 
@@ -140,5 +145,5 @@ def preview_records(cfg: DataConfig, dataset: Dataset, stage: StageDir) -> list[
         return read_manifest(stage / "manifest.jsonl", root, check=False)
     items = dataset.preview(DatasetContext(root, stage / "images", cfg.image_size, False))
     check_items(items, f"dataset {cfg.dataset!r}")
-    by_identity, split_of, _ = select_identities(items, cfg)
+    by_identity, split_of, _ = select_identities(items, cfg, cfg.min_images_per_identity if dataset.labeled else 1)
     return [FaceRecord(id=it.id, identity=ident, path=it.path, split=split_of[ident]) for ident, its in by_identity.items() for it in its]

@@ -64,7 +64,20 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n" + note
 
 
-def report_markdown(cfg: RunConfig, results: dict[str, Any]) -> str:
+def data_notes(data: dict[str, Any]) -> str:
+    """What the report must say about the data: no identity labels (linkage only), photos without a face."""
+    notes = []
+    if data.get("labeled") is False:
+        notes.append("The dataset has no identity labels (every image its own identity): only linkage was measured "
+                     "(full-ref/linkage: is an anonymized face linked to its own original?); cross-image re-identification "
+                     "(exclude-source) needs identities.")
+    if data.get("no_face"):
+        notes.append(f"No face was found in {len(data['no_face'])} photos, left out: {', '.join(data['no_face'][:10])}"
+                     + (" ..." if len(data["no_face"]) > 10 else "") + ".")
+    return "".join(f"{n}\n\n" for n in notes)
+
+
+def report_markdown(cfg: RunConfig, results: dict[str, Any], data: dict[str, Any] | None = None) -> str:
     from anonrisk.report.card import card_markdown, protocol_keys
 
     keys = protocol_keys(results)
@@ -75,6 +88,7 @@ def report_markdown(cfg: RunConfig, results: dict[str, Any]) -> str:
     parts = [
         f"# anonrisk report: {cfg.name}\n",
         f"Attacks: {attacks}.{settings} Dataset: {cfg.data.dataset}.\n",
+        data_notes(data or {}),
         markdown_table(results),
         "Leaderboard across anonymizers: [leaderboard.md](leaderboard.md).\n",
         "![re-identification by attack](plots/reid.png)\n\n![privacy vs utility](plots/privacy_utility.png)\n\n"
@@ -146,7 +160,7 @@ def write_report(cfg: RunConfig, data_stage: StageDir, results: dict[str, Any], 
         tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     table = markdown_table(results)
     with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(report_markdown(cfg, results))
+        tmp.write_text(report_markdown(cfg, results, doc["data"]))
     from anonrisk.report.card import leaderboard, leaderboard_markdown
     from anonrisk.report.plots import plot_card, plot_leakage_vs_reid, plot_privacy_utility, plot_reid
 
