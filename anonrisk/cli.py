@@ -38,6 +38,11 @@ def cmd_run(args) -> int:
     doc = Pipeline(_load(args)).run(args.only, overwrite=args.overwrite)
     print(doc["table"])
     print(f"results: {doc['results_dir']}/ (metrics.json, report.md, plots/)")
+    if doc.get("mlflow"):
+        from anonrisk.tracking.mlflow_log import ui_hint
+
+        m = doc["mlflow"]
+        print(ui_hint(m["tracking_uri"], m["experiment_id"], m["parent_run_id"]))
     return 0
 
 
@@ -130,20 +135,13 @@ def cmd_verify(args) -> int:
 
 
 def cmd_ls(args) -> int:
+    from anonrisk.launch.listing import list_presets, list_stages
+
     if args.what == "kinds":
-        return print_kinds()
-    runs = Path(args.runs_dir)
-    if not runs.is_dir():
-        print(f"no runs under {runs}/")
+        print_kinds()
+        print(list_presets())
         return 0
-    for stage in ("prepare", "anonymize", "train", "evaluate", "quality", "embed", "cell"):
-        for marker in sorted((runs / stage).glob("**/config.json")):
-            d = marker.parent
-            status = "done" if (d / "DONE").exists() else "partial"
-            print(f"{stage:10s} {status:8s} {d.relative_to(runs)}")
-    results = Path(args.results_dir)
-    for m in sorted(results.glob("*/metrics.json")):
-        print(f"{'results':10s} {'':8s} {m.parent}")
+    print(list_stages(args.runs_dir, args.results_dir))
     return 0
 
 
@@ -331,8 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--image-size", type=int, default=112, help="working size in pixels (default 112)")
     au.add_argument("--no-recognizer", action="store_true", help="skip the off-the-shelf recognizer (dlib)")
     au.set_defaults(fn=cmd_audit)
-    ls = sub.add_parser("ls", help="list stage directories and results (`ls kinds`: every kind and its package)")
-    ls.add_argument("what", nargs="?", choices=["kinds"], help="kinds: the anonymizer, attack and dataset kinds, plugins included")
+    ls = sub.add_parser("ls", help="list stage directories (anonymizer, attack, backbone, state, size, age) and results; "
+                                   "`ls kinds`: every kind with its package and settings, and the presets")
+    ls.add_argument("what", nargs="?", choices=["stages", "kinds"], default="stages",
+                    help="kinds: the anonymizer, attack and dataset kinds, plugins included, and the anonymizer presets")
     ls.add_argument("--runs-dir", default="runs")
     ls.add_argument("--results-dir", default="results")
     ls.set_defaults(fn=cmd_ls)
@@ -346,14 +346,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from anonrisk.errors import AnonriskError
+    from anonrisk.launch.ranks import quiet_other_ranks
+
+    quiet_other_ranks(logging.DEBUG if args.verbose else logging.INFO)  # under torchrun: rank 0 talks
 
     try:
         return args.fn(args)
     except AnonriskError as exc:
         if args.verbose:
             raise
-        print(f"anonrisk: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        code = getattr(exc, "exit_code", 2)  # a checkpoint-and-stop is no error: its own code (train.Preempted)
+        print(f"anonrisk: {'error: ' if code == 2 else ''}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("anonrisk: interrupted; finished shards and checkpoints are kept, rerun to resume", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 from typing import Optional
 
@@ -35,6 +36,8 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         params = [p for p in model.parameters() if p.requires_grad]
+        logging.getLogger("anonrisk").info("DeepSpeed: initializing (the first use on a machine builds its C++/CUDA ops: "
+                                           "about 2 minutes without output; later runs load them from the cache)")
         self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=dict(plan.ds_config))
         self.module = self.ds.module
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision, torch.float32)

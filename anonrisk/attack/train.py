@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -119,9 +119,11 @@ def train_attack(
     stage: StageDir,
     device: str = "cpu",
     progress: bool = True,
+    on_step: Optional[Callable[[int, float, float], None]] = None,
 ) -> Path:
     """Train (or resume, or reuse) the encoder; returns the path of its weights. Under a multi-process
-    launch every rank calls this; rank 0 writes the log, the weights and DONE."""
+    launch every rank calls this; rank 0 writes the log, the weights and DONE, and calls ``on_step(step,
+    loss, lr)`` after each step (it must be cheap: MLflow's live curve only buffers there)."""
     from anonrisk.attack.dist import barrier
     from anonrisk.attack.engine import build_engine
 
@@ -139,7 +141,7 @@ def train_attack(
         if stage.reuse(["encoder.safetensors"]):  # another process finished it while this one waited
             return weights
         with names_full_disk(stage.path):
-            return _train(cfg, engine, plan, pairs, sampler, image_size, stage, progress)
+            return _train(cfg, engine, plan, pairs, sampler, image_size, stage, progress, on_step)
 
 
 def _log_before(log_path: Path, start: int) -> list[str]:
@@ -157,7 +159,7 @@ def _log_before(log_path: Path, start: int) -> list[str]:
 
 
 def _train(cfg: TrainConfig, engine, plan, pairs: PairSource, sampler: IdentitySampler, image_size: int, stage: StageDir,
-           progress: bool) -> Path:
+           progress: bool, on_step: Optional[Callable[[int, float, float], None]] = None) -> Path:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -207,6 +209,8 @@ def _train(cfg: TrainConfig, engine, plan, pairs: PairSource, sampler: IdentityS
             engine.step(lr)
             log_file.write(json.dumps({"step": step, "loss": round(loss, 6), "lr": lr}) + "\n")
             log_file.flush()
+            if main and on_step is not None:
+                on_step(step, round(loss, 6), lr)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             done = step + 1

@@ -169,7 +169,13 @@ class TrackingConfig(Strict):
     mlflow: bool = True
     tracking_uri: Optional[str] = None  # default: sqlite database under runs_dir
     experiment: str = "anonrisk"
-    log_images: bool = False  # anonymized samples only; original faces are never logged
+    # the samples grid of each anonymizer (results/<run>/plots/samples_<name>.png) into its MLflow child run:
+    # anonymized images only, never an original
+    log_images: bool = False
+    samples: int = Field(4, ge=0, le=32)  # test identities in each samples grid (0: no samples grid)
+    # originals beside the anonymized images in results/<run>/plots/; None: only for synthetic data, never
+    # by default for a real dataset
+    sample_originals: Optional[bool] = None
 
 
 #: a run's name is one folder under results_dir: no separator, no "..", nothing a shell would trip on
