@@ -53,22 +53,24 @@ class Spec(Strict):
 
 
 class RayConfig(Strict):
-    """The Ray runner (``anonymize.runner: ray``); see docs/ray.md."""
+    """The Ray runner (``anonymize.runner: ray``, on Ray Data); see docs/ray.md."""
 
-    # None: start Ray inside this process; "auto": the cluster this node belongs to (or RAY_ADDRESS, which
-    # `ray job submit` sets); "host:port": a GCS address; "ray://host:10001": Ray Client
+    # None: the cluster RAY_ADDRESS names (`ray job submit` sets it), else start Ray inside this process;
+    # "auto": RAY_ADDRESS or the cluster this node belongs to; "host:port": a GCS address; "ray://host:10001": Ray Client
     address: Optional[str] = None
-    num_workers: Optional[int] = Field(None, ge=1)  # actors; None: as many as the cluster's GPUs/CPUs fit
-    num_gpus_per_worker: Optional[float] = Field(None, ge=0)  # None: 1 for a GPU anonymizer on a GPU cluster, else 0
+    num_workers: Optional[int] = Field(None, ge=1)  # a fixed pool of actors (sets min_workers = max_workers)
+    min_workers: int = Field(1, ge=1)  # the autoscaling pool's smallest size
+    # its largest: GPU actors default to one per pending shard (an autoscaler adds the nodes), CPU actors to the CPUs now
+    max_workers: Optional[int] = Field(None, ge=1)
+    num_gpus_per_worker: Optional[float] = Field(None, ge=0)  # None: 1 for a GPU anonymizer on a cluster with GPUs now, else 0
     num_cpus_per_worker: float = Field(1.0, ge=0)
-    # where images are decoded and resized: CPU tasks feeding the actors, or the actor itself; auto: tasks
-    # for GPU actors, the actor for CPU actors (which already fill the CPUs: tasks would only add overhead)
+    # where images are decoded and resized: a CPU operator feeding the actors, or the actor itself; auto: the
+    # operator for GPU actors, the actor for CPU actors (which already fill the CPUs: tasks would only add overhead)
     decode: Literal["auto", "tasks", "actor"] = "auto"
     num_cpus_per_decode: float = Field(0.0, ge=0)  # decode tasks; 0 lets them run beside CPU actors
-    prefetch_shards: int = Field(2, ge=1)  # shards queued per actor, decoded while the previous one runs
-    max_restarts: int = Field(3, ge=0)  # restarts of a crashed actor (its model is loaded again)
-    max_task_retries: int = Field(3, ge=0)  # reruns of a shard on a restarted actor
-    max_replacements: int = Field(3, ge=0)  # fresh actors for dead ones (the driver re-dispatches their shards)
+    prefetch_shards: int = Field(2, ge=1)  # shards queued per actor (Ray Data's max_tasks_in_flight_per_actor)
+    max_replacements: int = Field(3, ge=0)  # actors dying while they start (node lost during model load) replaced in a row
+    wait_for_workers_s: float = Field(600.0, gt=0)  # for the first actors (an autoscaler starting nodes), then an error
     connect_timeout_s: float = Field(10.0, gt=0)
     # only when this process starts Ray (address: None)
     num_cpus: Optional[int] = Field(None, ge=1)
