@@ -1,6 +1,7 @@
 """``anonrisk``: the command line. Heavy libraries are imported inside the commands, so --help is instant.
 
-Every user-facing failure is an ``AnonriskError``: printed as one clear message, exit status 2.
+Every user-facing failure is an ``AnonriskError``: printed as one clear message, exit status 2 (bad input);
+a preempted training exits 75 (EX_TEMPFAIL: rerun to resume; 130 after Ctrl-C).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _select(pipe, names):
 def cmd_run(args) -> int:
     from anonrisk.pipeline import Pipeline
 
-    doc = Pipeline(_load(args)).run(args.only)
+    doc = Pipeline(_load(args)).run(args.only, overwrite=args.overwrite)
     print(doc["table"])
     print(f"results: {doc['results_dir']}/ (metrics.json, report.md, plots/)")
     if doc.get("mlflow"):
@@ -50,8 +51,15 @@ def cmd_stage(args) -> int:
 
     pipe = Pipeline(_load(args))
     if args.command == "prepare":
+        from anonrisk.stages import read_json
+
         stage = pipe.prepare()
-        print(f"prepare: {stage.path} ({len(pipe.records)} records)")
+        done = read_json(stage / "DONE")
+        dropped = done.get("dropped_identities") or {}
+        extra = (f"; {dropped['count']} identities with fewer than {dropped['min_images_per_identity']} images dropped "
+                 f"({dropped['images']} images)" if dropped.get("count") else "")
+        extra += f"; {done['quarantined']} images quarantined" if done.get("quarantined") else ""
+        print(f"prepare: {stage.path} ({len(pipe.records)} records{extra})")
         return 0
     if args.command == "report":
         pipe.prepare()
@@ -62,7 +70,7 @@ def cmd_stage(args) -> int:
             from anonrisk.errors import AnonriskError
 
             raise AnonriskError(f"report: no finished evaluation for {', '.join(missing)}; run `anonrisk evaluate` (or `anonrisk run`) first")
-        doc = pipe.run()
+        doc = pipe.run(overwrite=args.overwrite)
         print(doc["table"])
         return 0
     pipe.validate()  # anonymizers and the training plans
@@ -91,7 +99,7 @@ def cmd_stage(args) -> int:
 def cmd_sweep(args) -> int:
     from anonrisk.launch.sweep import load_sweeps, run_sweeps
 
-    summary = run_sweeps(_load(args), load_sweeps(args.sweeps), args.config)
+    summary = run_sweeps(_load(args), load_sweeps(args.sweeps), args.config, overwrite=args.overwrite)
     print((Path(summary["results_dir"]) / "sweep.md").read_text())
     print(f"results: {summary['results_dir']}/ (sweep.json, sweep.md, plots/sweep_*.png, report.md, leaderboard.md)")
     return 0
@@ -100,17 +108,30 @@ def cmd_sweep(args) -> int:
 def cmd_validate(args) -> int:
     import yaml
 
+    from anonrisk.launch.preflight import preflight
     from anonrisk.pipeline import Pipeline
 
     cfg = _load(args)
     pipe = Pipeline(cfg)
-    pipe.validate()
+    for name, why in preflight(pipe).items():
+        print(f"# attack {name} would be skipped: {why}", file=sys.stderr)
     settings = pipe.plan.dataset.p.model_dump(mode="json")
     if settings:  # the dataset kind's settings with their defaults
         setattr(cfg.data, cfg.data.dataset, settings)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     print(f"# valid: {args.config or '<defaults>'}", file=sys.stderr)
     return 0
+
+
+def cmd_verify(args) -> int:
+    from anonrisk.launch.verify import verify
+
+    lines, changed = verify(args.runs_dir)
+    print("\n".join(lines) if lines else f"no stages under {args.runs_dir}/")
+    if changed:
+        print(f"{changed} finished stage(s) changed after they finished: restore the files or delete those stages to redo them",
+              file=sys.stderr)
+    return 1 if changed else 0
 
 
 def cmd_ls(args) -> int:
@@ -251,14 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     r = with_config(sub.add_parser("run", help="prepare, anonymize, train, evaluate and report"))
+    overwrite_help = "replace results/<name>/ even when it holds results of other settings"
     r.add_argument("--only", nargs="+", metavar="NAME", help="only these anonymizers")
+    r.add_argument("--overwrite", action="store_true", help=overwrite_help)
     r.set_defaults(fn=cmd_run)
     for stage in STAGES:
         sp = with_config(sub.add_parser(stage, help=f"run the {stage} stage (and what it needs)"))
         sp.add_argument("--only", nargs="+", metavar="NAME", help="only these anonymizers")
+        if stage == "report":
+            sp.add_argument("--overwrite", action="store_true", help=overwrite_help)
         sp.set_defaults(fn=cmd_stage)
     sw = with_config(sub.add_parser("sweep", help="leakage sweeps: re-identification and edge leakage against one anonymizer parameter"))
     sw.add_argument("--sweeps", required=True, metavar="FILE", help="YAML sweep file (e.g. configs/sweeps/leakage.yaml)")
+    sw.add_argument("--overwrite", action="store_true", help=overwrite_help)
     sw.set_defaults(fn=cmd_sweep)
     with_config(sub.add_parser("validate", help="check a config and print it resolved")).set_defaults(fn=cmd_validate)
     grid = sub.add_parser("grid", help="run a grid of datasets x anonymizers x backbones x seeds (Slurm, local, debug)")
@@ -310,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--runs-dir", default="runs")
     ls.add_argument("--results-dir", default="results")
     ls.set_defaults(fn=cmd_ls)
+    ver = sub.add_parser("verify", help="re-hash every finished stage's files; exit 1 if one changed after it finished")
+    ver.add_argument("--runs-dir", default="runs")
+    ver.set_defaults(fn=cmd_verify)
     return p
 
 

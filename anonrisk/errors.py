@@ -4,6 +4,8 @@
 class AnonriskError(Exception):
     """A problem with the user's input or environment, explained in the message (no traceback needed)."""
 
+    exit_code = 2  # what the CLI exits with (bad input); a preempted training has its own
+
 
 class ConfigError(AnonriskError):
     """A config key, value or file is wrong; the message names the key."""

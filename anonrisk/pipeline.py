@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from functools import cached_property, partial
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 from anonrisk.config.schema import DataConfig, RunConfig, Spec
@@ -64,7 +65,10 @@ class Pipeline:
         from anonrisk.attack.train_plan import check_training
 
         for t in self.plan.targets.values():
-            t.anonymizer.validate()
+            try:
+                t.anonymizer.validate()
+            except ValueError as exc:  # a kind's own check of its params
+                raise ConfigError(f"{t.anonymizer.key}: {exc}") from None
         for a in next(iter(self.plan.targets.values())).trained():
             check_training(a.train_config)
 
@@ -91,16 +95,17 @@ class Pipeline:
         from anonrisk.anonymize.runner import AnonymizeJob, anonymize_local
 
         t = self.target(target)
-        if t.anonymize.is_done():
-            return t.anonymize
-        t.anonymizer.validate()
-        job = AnonymizeJob(t.spec, t.anonymizer, self.records, t.anonymize, self.cfg.data.image_size, self.cfg.anonymize, self.progress,
-                           self.cfg.data.on_bad_image)
-        if self.cfg.anonymize.runner == "ray":
-            from anonrisk.anonymize.ray_runner import anonymize_ray
+        with t.anonymize.lock():  # one process anonymizes; another waits, then reuses the stage
+            if t.anonymize.reuse(["manifest.jsonl"]):
+                return t.anonymize
+            t.anonymizer.validate()
+            job = AnonymizeJob(t.spec, t.anonymizer, self.records, t.anonymize, self.cfg.data.image_size, self.cfg.anonymize, self.progress,
+                               self.cfg.data.on_bad_image)
+            if self.cfg.anonymize.runner == "ray":
+                from anonrisk.anonymize.ray_runner import anonymize_ray
 
-            return anonymize_ray(job)
-        return anonymize_local(job)
+                return anonymize_ray(job)
+            return anonymize_local(job)
 
     def _anonymized(self, t: TargetPlan) -> list[FaceRecord]:
         """The target's anonymized manifest for an attack, anonymizing first (in one process only)."""
@@ -129,7 +134,7 @@ class Pipeline:
         from anonrisk.evaluate.evaluate import measure_quality
 
         t = self.target(target)
-        anon = [] if t.quality.is_done() else read_manifest(self.anonymize(t) / "manifest.jsonl")
+        anon = [] if t.quality.reuse(["quality.json"]) else read_manifest(self.anonymize(t) / "manifest.jsonl")
         return measure_quality(anon, self.records, self.cfg.data.image_size, self.cfg.evaluate, t.quality)
 
     def attack_result(self, target: Target, attack: str) -> dict:
@@ -139,7 +144,7 @@ class Pipeline:
 
         t = self.target(target)
         a = self.attack(t, attack)
-        if a.evaluate.is_done():
+        if a.evaluate.reuse(["metrics.json"]):
             metrics = read_json(a.evaluate / "metrics.json")
         else:
             ctx = self.context(t, a)
@@ -187,12 +192,16 @@ class Pipeline:
         }
 
     # ---- the whole run ---------------------------------------------------------------------------
-    def run(self, only: Optional[list[str]] = None) -> dict:
+    def run(self, only: Optional[list[str]] = None, overwrite: bool = False) -> dict:
         """Every stage of every anonymizer (or those in ``only``), then the report; MLflow follows the work:
-        the parent run is open for the whole run, each anonymizer's child run while its stages run."""
+        the parent run is open for the whole run, each anonymizer's child run while its stages run. Refused
+        before any work when ``results/<name>/`` holds results of other settings (``overwrite`` replaces them)."""
+        from anonrisk.report.overwrite import check_overwrite, settings_of
         from anonrisk.report.report import write_report
         from anonrisk.tracking.run_log import track_run
 
+        targets = {n: t.fingerprints() for n, t in self.plan.targets.items() if not only or n in only}
+        check_overwrite(Path(self.cfg.results_dir) / self.cfg.name, settings_of(targets), overwrite)
         self.validate()
         names = [name for name in self.plan.targets if not only or name in only]
         with track_run(self.cfg, self.plan, names) as tracker:
@@ -205,6 +214,7 @@ class Pipeline:
                 with tracker.child(t):
                     results[name] = self.report_card(t, unavailable)
                     tracker.log_card(t, results[name])
-            doc = write_report(self.cfg, self.prepare(), results, {name: self.plan.targets[name].anonymize for name in names})
+            doc = write_report(self.cfg, self.prepare(), results,
+                               {name: self.plan.targets[name].anonymize for name in names}, overwrite)
             doc["mlflow"] = tracker.finish(doc)
         return doc

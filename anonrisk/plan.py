@@ -5,7 +5,8 @@ output and the fingerprints of the stages it reads, so identical work lands in t
 asks for it (a run, a stage command, a grid cell, a sweep point) and operational settings (runner, batch
 size, Ray settings, devices, checkpoint interval) never make new directories. ``plan`` also checks every
 kind and its params (the registries fill when their packages are imported) and builds each anonymizer and
-attack once. Planning reads no data and touches no cluster.
+attack once. Planning reads no image and touches no cluster; it lists a real dataset's files (one ``stat``
+each) for the data fingerprint.
 
     prepare/<data>                          the dataset kind's manifest
     anonymize/<data>/<anonymize>            per anonymizer
@@ -41,15 +42,23 @@ CELL_VERSION = 2  # 2: a cell is named by its plan's fingerprints (1: by its who
 
 
 # ---- fingerprints ---------------------------------------------------------------------------------------
-def data_fingerprint(cfg: DataConfig, dataset: Dataset) -> str:
+def data_fingerprint(cfg: DataConfig, dataset: Dataset, exclude: tuple = ()) -> str:
+    """The settings and, for a dataset read from ``data.root``, its files' content (``data.fingerprint``:
+    names, sizes and mtimes, or their SHA-256): an edited dataset makes a new stage; the same files at
+    another path (moved with their mtimes, or hashed) keep it."""
+    from anonrisk.data.content import content_fingerprint
     from anonrisk.data.prepare import DATA_VERSION
 
-    d = cfg.model_dump(exclude=set(cfg.kind_settings()))
+    d = cfg.model_dump(exclude={"root", "fingerprint", *cfg.kind_settings()})
     settings = dataset.p.model_dump()
     if settings:
         d[cfg.dataset] = settings
     if dataset.needs_root:
-        d["root"] = str(Path(cfg.root).expanduser().resolve()) if cfg.root else None
+        if not cfg.root:
+            raise ConfigError(f"data.root: dataset {cfg.dataset!r} needs a root directory")
+        if not Path(cfg.root).expanduser().is_dir():
+            raise ConfigError(f"data.root {cfg.root!r} is not a directory (dataset {cfg.dataset})")
+        d["content"] = content_fingerprint(cfg.root, cfg.fingerprint, exclude)
     return fingerprint("data", DATA_VERSION, d)
 
 
@@ -163,7 +172,7 @@ def plan_dataset(cfg: DataConfig) -> Dataset:
 def plan_data(cfg: DataConfig, runs_dir: str) -> tuple[Dataset, StageDir]:
     """The dataset kind and the prepare stage of a data config alone."""
     dataset = plan_dataset(cfg)
-    return dataset, StageDir(runs_dir, "prepare", data_fingerprint(cfg, dataset))
+    return dataset, StageDir(runs_dir, "prepare", data_fingerprint(cfg, dataset, (Path(runs_dir),)))
 
 
 def _anonymizer(spec: Spec, key: str) -> Anonymizer:

@@ -134,4 +134,8 @@ class Registry(Generic[T]):
 
     def build(self, name: str, key: str = "", **params: Any) -> Any:
         """An instance of kind ``name``: its Params validated, then ``Kind(params, key)``."""
-        return self.get(name, key)(self.params(name, params, key), key or f"{self.kind} {name}")
+        kind, p = self.get(name, key), self.params(name, params, key)
+        try:
+            return kind(p, key or f"{self.kind} {name}")
+        except ValueError as exc:  # a kind's own check of its params: a config error, not a traceback
+            raise ConfigError(f"{key or name}: {self.kind} {name!r}: {exc}") from None

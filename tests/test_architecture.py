@@ -17,7 +17,8 @@ MAX_LINES = 400
 LAYERS = {
     "core": ["anonrisk", "anonrisk.errors", "anonrisk.stages", "anonrisk.registry", "anonrisk.weights", "anonrisk.devices", "anonrisk.environment",
              "anonrisk.config", "anonrisk.config.*"],
-    "library": ["anonrisk.data.records", "anonrisk.data.io", "anonrisk.data.synthetic", "anonrisk.data.align",
+    "library": ["anonrisk.data.records", "anonrisk.data.io", "anonrisk.data.synthetic", "anonrisk.data.align", "anonrisk.data.paths",
+                "anonrisk.data.content",
                 "anonrisk.attack.losses", "anonrisk.attack.model", "anonrisk.attack.gradcache", "anonrisk.attack.dist",
                 "anonrisk.attack.data", "anonrisk.attack.train_plan", "anonrisk.attack.engine_base", "anonrisk.attack.torch_engine",
                 "anonrisk.attack.deepspeed_engine", "anonrisk.attack.engine", "anonrisk.attack.train", "anonrisk.attack.embed",
@@ -30,7 +31,7 @@ LAYERS = {
                 "anonrisk.anonymize.conditioning", "anonrisk.anonymize.diffusion_params", "anonrisk.anonymize.diffusion_components",
                 "anonrisk.anonymize.masks", "anonrisk.anonymize.sampler", "anonrisk.anonymize.external",
                 "anonrisk.anonymize.schedulers", "anonrisk.anonymize.light_attributes",
-                "anonrisk.report", "anonrisk.report.card", "anonrisk.report.plots"],
+                "anonrisk.report", "anonrisk.report.card", "anonrisk.report.plots", "anonrisk.report.overwrite"],
     "plugins": ["anonrisk.anonymize", "anonrisk.anonymize.base", "anonrisk.anonymize.classical", "anonrisk.anonymize.diffusion",
                 "anonrisk.anonymize.precomputed", "anonrisk.anonymize.command",
                 "anonrisk.anonymize.camouflage", "anonrisk.anonymize.camouflage_light", "anonrisk.anonymize.instance_aug_faithful", "anonrisk.attack", "anonrisk.attack.base", "anonrisk.attack.trained",

@@ -152,7 +152,8 @@ def test_every_trained_attack_gets_the_training_plan_check(tmp_path):
 
 
 def test_every_attack_that_reads_the_target_gets_the_multi_process_guard(tmp_path, monkeypatch):
-    cfg = small_cfg(tmp_path, f"attacks={TRAINED}", "data.synthetic.identities=12", "anonymizers=[identity]")
+    cfg = small_cfg(tmp_path, f"attacks={TRAINED}", "data.synthetic.identities=12", "anonymizers=[identity]",
+                    "train.batch_size=8")  # 2 of the 4 training identities per batch (validate checks it)
     pipe = Pipeline(cfg)
     pipe.prepare()
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -82,10 +82,10 @@ def test_corrupt_image_fails_by_name_or_is_quarantined(tmp_path):
     with pytest.raises(DataError, match=r"bad image .*000003.jpg.*on_bad_image=quarantine"):
         prepare(cfg(dataset="celeba", root=str(root)), str(tmp_path / "runs"), progress=False)
     stage, recs = prepare(cfg(dataset="celeba", root=str(root), on_bad_image="quarantine"), str(tmp_path / "runs"), progress=False)
-    assert len(recs) == 23 and "000003" not in {r.id for r in recs}
+    assert len(recs) == 23 and "img_align_celeba/000003.jpg" not in {r.id for r in recs}
     import json
 
-    assert [q["id"] for q in json.loads((stage / "quarantine.json").read_text())] == ["000003"]
+    assert [q["id"] for q in json.loads((stage / "quarantine.json").read_text())] == ["img_align_celeba/000003.jpg"]
 
 
 def test_synthetic_is_deterministic_and_identity_is_geometry():

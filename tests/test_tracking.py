@@ -90,7 +90,8 @@ def test_rerun_logs_nothing_and_changed_settings_supersede(tiny_run, capsys):
     _, same = mlflow_runs(tmp)
     assert {r.info.run_id for r in same} == {r.info.run_id for r in before}  # same plan, same numbers: nothing new
     # issue 15.4: other settings, other numbers; the old runs say they are superseded, the new ones hold the new numbers
-    again = Pipeline(tiny_cfg(tmp, "evaluate.bootstrap=30", "evaluate.protocols=[full-ref,single-ref]", "tracking.log_images=true")).run()
+    again = Pipeline(tiny_cfg(tmp, "evaluate.bootstrap=30", "evaluate.protocols=[full-ref,single-ref]", "tracking.log_images=true")).run(
+        overwrite=True)  # other settings into the same results/<name>/ (issue 15: refused without --overwrite)
     _, runs = mlflow_runs(tmp)
     new = [r for r in runs if r.info.run_id not in {b.info.run_id for b in before}]
     old = [r for r in runs if r.info.run_id in {b.info.run_id for b in before}]

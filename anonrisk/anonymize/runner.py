@@ -152,14 +152,14 @@ def run_shard(
 
 
 def finish_stage(stage: StageDir, records: Sequence[FaceRecord], summary: dict) -> None:
-    """Write the anonymized manifest (same ids, identities and splits; paths to the outputs; quarantined
-    records left out) and DONE."""
+    """Write the anonymized manifest (same ids, identities and splits; paths to the outputs, relative to the
+    stage, with their sizes and hashes; quarantined records left out) and DONE."""
     left_out = quarantined(stage.path)
     records = [r for r in records if r.id not in left_out]
     missing = [r.id for r in records if not output_path(stage.path, r).exists()]
     if missing:
         raise RuntimeError(f"{stage}: {len(missing)} records have no output, e.g. {missing[:3]}")
-    out = [FaceRecord(r.id, r.identity, str(output_path(stage.path, r)), r.split, {"source": r.path}) for r in records]
+    out = [FaceRecord(r.id, r.identity, str(output_path(stage.path, r)), r.split, {"source": r.id}) for r in records]
     write_manifest(stage / "manifest.jsonl", out)
     # every distinct way a worker ran it (a resumed or mixed-device stage can have several)
     runtimes = []
@@ -167,7 +167,7 @@ def finish_stage(stage: StageDir, records: Sequence[FaceRecord], summary: dict) 
         rt = read_json(marker).get("runtime")
         if rt is not None and rt not in runtimes:
             runtimes.append(rt)
-    stage.mark_done({**summary, "runtime": runtimes, **({"quarantined": len(left_out)} if left_out else {})})
+    stage.mark_done({**summary, "runtime": runtimes, **({"quarantined": len(left_out)} if left_out else {})}, outputs=["manifest.jsonl"])
 
 
 def anonymize_local(job: AnonymizeJob) -> StageDir:

@@ -94,8 +94,12 @@ class DeepSpeedEngine(Engine):
         pointer = ckpt_dir / "last.json"
         if not pointer.exists():
             return None
-        tag = json.loads(pointer.read_text())["tag"]
-        path, client = self.ds.load_checkpoint(str(ckpt_dir / "deepspeed"), tag=tag)
+        try:
+            tag = json.loads(pointer.read_text())["tag"]
+            path, client = self.ds.load_checkpoint(str(ckpt_dir / "deepspeed"), tag=tag)
+        except (ValueError, KeyError, RuntimeError, EOFError, OSError) as exc:  # a truncated pointer or shard
+            raise ConfigError(f"checkpoint {ckpt_dir / 'deepspeed'} could not be loaded ({str(exc).splitlines()[0][:200]}); "
+                              f"delete {ckpt_dir} to train from the first step") from None
         if path is None:
             raise ConfigError(f"checkpoint {ckpt_dir / 'deepspeed' / tag} could not be loaded; delete {pointer} to start over")
         return int(client["anonrisk_step"])

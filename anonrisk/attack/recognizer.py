@@ -68,17 +68,20 @@ class RecognizerAttack(Attack):
 
     def gallery_embeddings(self, ctx, gallery: Sequence) -> np.ndarray:
         from anonrisk.data.io import load_batch
-        from anonrisk.stages import write_json
+        from anonrisk.stages import atomic_path, write_json
 
         stage = ctx.caches["embed"]
-        if stage.is_done():
-            return np.load(stage / "gallery.npy")
-        stage.begin({"recognizer": self.recognizer.describe(), "records": len(gallery)})
-        emb = self.recognizer.embed(load_batch([r.path for r in gallery], ctx.image_size))
-        np.save(stage / "gallery.npy", emb)
-        write_json(stage / "ids.json", [r.id for r in gallery])
-        stage.mark_done({"records": len(gallery)})
-        return emb
+        with stage.lock():
+            if stage.reuse(["gallery.npy"]):
+                return np.load(stage / "gallery.npy")
+            stage.begin({"recognizer": self.recognizer.describe(), "records": len(gallery)})
+            emb = self.recognizer.embed(load_batch([r.path for r in gallery], ctx.image_size))
+            with atomic_path(stage / "gallery.npy") as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, emb)
+            write_json(stage / "ids.json", [r.id for r in gallery])
+            stage.mark_done({"records": len(gallery)}, outputs=["gallery.npy", "ids.json"])
+            return emb
 
     def similarity(self, ctx, probes, gallery):
         import torch

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import pickle
 
 import torch
 
@@ -10,7 +13,12 @@ from anonrisk.attack.dist import barrier
 from anonrisk.attack.engine_base import DTYPES, ContrastiveModel, Engine, fp32
 from anonrisk.attack.train_plan import Plan, fused_adamw
 from anonrisk.config.schema import TrainConfig
+from anonrisk.errors import DataError
 from anonrisk.stages import atomic_path
+
+log = logging.getLogger("anonrisk")
+#: newest first: the previous checkpoint is kept, so an unreadable last one costs ``checkpoint_every`` steps
+CHECKPOINTS = ("last.pt", "prev.pt")
 
 
 class TorchEngine(Engine):
@@ -74,21 +82,36 @@ class TorchEngine(Engine):
 
     def save(self, ckpt_dir, step):
         if self.rank == 0:  # DDP replicas are identical: one file
-            with atomic_path(ckpt_dir / "last.pt") as tmp:
+            last, prev = (ckpt_dir / name for name in CHECKPOINTS)
+            with atomic_path(last) as tmp:
                 torch.save({"model": self.module.state_dict(), "opt": self.opt.state_dict(), "step": step,
                             "scaler": self.scaler.state_dict() if self.scaler else None}, tmp)
+                if last.exists():  # a kill between the two renames leaves prev.pt: load falls back to it
+                    os.replace(last, prev)
         barrier()
 
     def load(self, ckpt_dir):
-        path = ckpt_dir / "last.pt"
-        if not path.exists():
-            return None
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
-        self.module.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["opt"])
-        if self.scaler and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        return int(ckpt["step"])
+        """The newest readable checkpoint's step (None: none yet); an unreadable one is skipped with a warning,
+        and when every one is unreadable a DataError names them."""
+        unreadable = []
+        for path in (ckpt_dir / name for name in CHECKPOINTS):
+            if not path.exists():
+                continue
+            try:
+                ckpt = torch.load(path, map_location=self.device, weights_only=True)
+            except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:  # truncated or corrupted
+                log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, str(exc).splitlines()[0][:200])
+                unreadable.append(str(path))
+                continue
+            self.module.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["opt"])
+            if self.scaler and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            return int(ckpt["step"])
+        if unreadable:
+            raise DataError(f"no readable checkpoint in {ckpt_dir} ({', '.join(unreadable)} unreadable): delete {ckpt_dir} "
+                            "to train from the first step")
+        return None
 
     def export(self):
         return {k: fp32(v).cpu().contiguous() for k, v in self.module.encoder.state_dict().items()}

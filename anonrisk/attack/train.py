@@ -3,14 +3,18 @@
 The stage directory holds ``checkpoints/`` (``last.pt`` for the torch engine; ``last.json`` naming a
 DeepSpeed checkpoint tag under ``deepspeed/`` for DeepSpeed), ``log.jsonl`` (global loss per step), the
 DeepSpeed config actually used (``deepspeed_config.json``) and, when finished, ``encoder.safetensors`` + DONE.
-A SIGTERM/SIGUSR1 (Slurm preemption, a time limit) on any rank writes a checkpoint before exiting; a rerun
-resumes from the last checkpoint. Launch several processes with torchrun, the deepspeed launcher or srun
+A SIGTERM/SIGUSR1 (Slurm preemption, a time limit) or SIGINT (Ctrl-C; a second one stops at once) on any
+rank writes a checkpoint before exiting; a rerun resumes from the last checkpoint (the previous one when the
+last is unreadable) and tolerates a torn last line in the log. Rank 0 holds the stage's lock: a second
+launch on the same stage waits, then reuses it. Launch several processes with torchrun, the deepspeed launcher or srun
 (docs/training.md): every rank trains on its slice of the same global batch, drawn from (seed, step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import signal
 import threading
@@ -25,18 +29,24 @@ from anonrisk.attack.data import IdentitySampler, PairSource, apply_augment, aug
 from anonrisk.attack.model import Encoder
 from anonrisk.config.schema import TrainConfig
 from anonrisk.data.records import FaceRecord
-from anonrisk.errors import AnonriskError
-from anonrisk.stages import StageDir, write_json
+from anonrisk.errors import AnonriskError, DataError
+from anonrisk.stages import StageDir, atomic_path, names_full_disk, write_json
+
+log = logging.getLogger("anonrisk")
 
 # bump when the trained encoder for the same settings changes (it enters the train fingerprint: anonrisk.plan)
 TRAIN_VERSION = 2  # 2: one forward over [anonymized; originals], engines, per-(seed, step, rank) torch seed
 
 
 class Preempted(AnonriskError):
-    """Training stopped on a signal after writing a checkpoint; rerun to resume. ``anonrisk`` exits with
-    ``exit_code`` (EX_TEMPFAIL: try again), one line and no traceback."""
+    """Training stopped on a signal after writing a checkpoint; rerun to resume. The CLI exits with
+    ``EXIT_PREEMPTED`` (130 after SIGINT), not 2 (bad input), so a wrapper can tell a requeue from an error."""
 
-    exit_code = 75
+    EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, retry
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 130 if signum == signal.SIGINT else self.EXIT_PREEMPTED
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -48,20 +58,25 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 while training runs (main thread only); previous handlers restored after."""
+    """Set by SIGTERM/SIGUSR1/SIGINT while training runs (main thread only); previous handlers restored after.
+    A second SIGINT interrupts at once (KeyboardInterrupt)."""
 
     def __init__(self):
         self.set = False
+        self.signum = signal.SIGTERM
         self._old = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.set = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -109,17 +124,50 @@ def train_attack(
     """Train (or resume, or reuse) the encoder; returns the path of its weights. Under a multi-process
     launch every rank calls this; rank 0 writes the log, the weights and DONE, and calls ``on_step(step,
     loss, lr)`` after each step (it must be cheap: MLflow's live curve only buffers there)."""
+    from anonrisk.attack.dist import barrier
+    from anonrisk.attack.engine import build_engine
+
+    weights = stage / "encoder.safetensors"
+    if stage.reuse(["encoder.safetensors"]):
+        return weights
+    engine, plan = build_engine(cfg, device)  # validates the plan: impossible combinations stop here
+    main = engine.rank == 0
+    # checked before the stage begins: a refused training leaves no directory behind
+    pairs = PairSource([r for r in anonymized if r.split == "train"], originals, image_size)
+    per_identity = cfg.per_identity if cfg.positives == "identity" else 1
+    sampler = IdentitySampler(pairs.identity, cfg.batch_size, cfg.seed, per_identity)
+    with stage.lock() if main else contextlib.nullcontext():  # the other ranks wait at the barrier
+        barrier()
+        if stage.reuse(["encoder.safetensors"]):  # another process finished it while this one waited
+            return weights
+        with names_full_disk(stage.path):
+            return _train(cfg, engine, plan, pairs, sampler, image_size, stage, progress, on_step)
+
+
+def _log_before(log_path: Path, start: int) -> list[str]:
+    """The log's lines of steps before ``start``; a torn line (a kill while writing) is dropped."""
+    kept = []
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: dropped an unreadable line (a kill while writing): %.80r", log_path, line)
+            continue
+        if step < start:
+            kept.append(line)
+    return kept
+
+
+def _train(cfg: TrainConfig, engine, plan, pairs: PairSource, sampler: IdentitySampler, image_size: int, stage: StageDir,
+           progress: bool, on_step: Optional[Callable[[int, float, float], None]] = None) -> Path:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     from anonrisk.attack.dist import barrier
-    from anonrisk.attack.engine import build_engine, contrastive_step
+    from anonrisk.attack.engine import contrastive_step
     from anonrisk.devices import device_name
 
     weights = stage / "encoder.safetensors"
-    if stage.is_done():
-        return weights
-    engine, plan = build_engine(cfg, device)  # validates the plan: impossible combinations stop here
     rank, per_rank = engine.rank, plan.per_rank_batch
     main = rank == 0
     if main:
@@ -127,21 +175,19 @@ def train_attack(
         if plan.ds_config:
             write_json(stage / "deepspeed_config.json", plan.ds_config)  # the config DeepSpeed really got
     barrier()
-    pairs = PairSource([r for r in anonymized if r.split == "train"], originals, image_size)
-    per_identity = cfg.per_identity if cfg.positives == "identity" else 1
-    sampler = IdentitySampler(pairs.identity, cfg.batch_size, cfg.seed, per_identity)
 
     ckpt_dir = stage / "checkpoints"
     start = engine.load(ckpt_dir) or 0
     log_path = stage / "log.jsonl"
     if main:  # keep the log consistent with the checkpoint: drop entries past the step we resume from
-        kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else []) if json.loads(line)["step"] < start]
-        log_path.write_text("".join(line + "\n" for line in kept))
+        kept = _log_before(log_path, start)
+        with atomic_path(log_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     dev = engine.device
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     t0 = time.perf_counter()
-    with StopFlag() as stop, open(log_path, "a") if main else open("/dev/null", "w") as log, tqdm(
+    with StopFlag() as stop, open(log_path, "a") if main else open("/dev/null", "w") as log_file, tqdm(
         total=cfg.steps, initial=start, desc=f"train {stage.fingerprint[-12:]}", disable=None if (progress and main) else True, leave=False
     ) as bar:
         for step in range(start, cfg.steps):
@@ -161,8 +207,8 @@ def train_attack(
             labels = torch.as_tensor(pairs.identity[idx[mine]], device=dev) if cfg.positives == "identity" else None
             loss = _mean_over_ranks(contrastive_step(engine, anon, orig, labels, prepare))
             engine.step(lr)
-            log.write(json.dumps({"step": step, "loss": round(loss, 6), "lr": lr}) + "\n")
-            log.flush()
+            log_file.write(json.dumps({"step": step, "loss": round(loss, 6), "lr": lr}) + "\n")
+            log_file.flush()
             if main and on_step is not None:
                 on_step(step, round(loss, 6), lr)
             bar.update(1)
@@ -172,22 +218,30 @@ def train_attack(
             if done % cfg.checkpoint_every == 0 or stopping:
                 engine.save(ckpt_dir, done)
             if stopping and done < cfg.steps:
-                raise Preempted(f"training stopped by signal at step {done}; checkpoint saved in {ckpt_dir}; rerun to resume")
+                raise Preempted(f"training stopped by {signal.Signals(stop.signum).name} at step {done}; checkpoint saved in "
+                                f"{ckpt_dir}: rerun to resume", stop.signum)
 
     state = engine.export()  # a collective under ZeRO-3: every rank calls it
     temperature = engine.temperature()
     if main:
-        save_file(state, str(weights))
+        with atomic_path(weights) as tmp:
+            save_file(state, str(tmp))
         stage.mark_done({"steps": cfg.steps, "resumed_from": start, "seconds": time.perf_counter() - t0, "temperature": temperature,
                          "engine": plan.engine, "device": device_name(dev), "world_size": plan.world_size, "zero_stage": plan.zero_stage,
-                         "precision": plan.precision, "grad_cache_chunk": plan.chunk})
+                         "precision": plan.precision, "grad_cache_chunk": plan.chunk},
+                        outputs=["encoder.safetensors"])
     barrier()
     return weights
 
 
 def load_encoder(cfg: TrainConfig, weights: str | Path, device: str = "cpu") -> Encoder:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     model = Encoder(cfg.backbone, cfg.embed_dim, input=cfg.input, pretrained_normalization=cfg.pretrained is not None)
-    model.load_state_dict(load_file(str(weights)))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise DataError(f"{weights}: unreadable encoder ({exc}); delete {Path(weights).parent} to train it again") from None
+    model.load_state_dict(state)
     return model.to(device).eval()

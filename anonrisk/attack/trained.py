@@ -46,6 +46,10 @@ class TrainedAttack(Attack):
         """(anonymized, originals) that ``train_attack`` learns from (it uses the anonymized ``train`` split)."""
         raise NotImplementedError
 
+    def training_identities(self, ctx: AttackContext) -> int:
+        """How many identities the encoder learns from (a batch draws distinct ones)."""
+        return len({r.identity for r in ctx.originals("aux" if self.source == "aux" else "train")})
+
     def validate(self, ctx: AttackContext) -> None:
         from anonrisk.attack.dist import read_env
         from anonrisk.attack.train_plan import validate_plan
@@ -53,12 +57,20 @@ class TrainedAttack(Attack):
 
         cfg = self.config(ctx)
         validate_plan(cfg, resolve_device(cfg.device), read_env().world_size)
+        per = cfg.per_identity if cfg.positives == "identity" else 1
+        have = self.training_identities(ctx)
+        if cfg.batch_size % per:
+            raise ConfigError(f"{self.key}: train.batch_size={cfg.batch_size} is not divisible by train.per_identity={per}")
+        if cfg.batch_size // per > have:
+            raise ConfigError(f"{self.key}: train.batch_size={cfg.batch_size} needs {cfg.batch_size // per} distinct identities per "
+                              f"batch (per_identity={per}) but training has {have}: lower the batch size, raise "
+                              "train.per_identity, or use more identities")
 
     def train(self, ctx: AttackContext) -> None:
         from anonrisk.attack.train import train_attack
         from anonrisk.devices import resolve_device
 
-        if ctx.train_stage.is_done():
+        if ctx.train_stage.reuse(["encoder.safetensors"]):
             return
         self.validate(ctx)
         anonymized, originals = self.pairs(ctx)

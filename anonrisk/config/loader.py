@@ -68,14 +68,26 @@ def validate(raw: dict[str, Any], source: str = "") -> RunConfig:
     return validate_model(RunConfig, migrate(raw, source or "<config>"), f"invalid config {source}")
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def load_yaml(path: str | os.PathLike, allow_empty: bool = True) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        if not allow_empty:
+            raise ConfigError(f"{path}: the config file is empty; give settings, or no config file for the defaults")
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     return raw
@@ -111,7 +123,7 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
     """The resolved, validated config of a run: file, then overrides, then presets expanded. Deprecated
     names are read with a warning (each source on its own, so an override beats the file)."""
     source = str(path or "<defaults>")
-    raw = migrate(load_yaml(path), source) if path is not None else {}
+    raw = migrate(load_yaml(path, allow_empty=False), source) if path is not None else {}
     raw = deep_merge(raw, migrate(parse_overrides(overrides), "override"))
     cfg = validate(raw, source)
     dirs = preset_dirs(path)

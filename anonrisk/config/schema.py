@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, field_validator
@@ -33,6 +34,9 @@ class DataConfig(Strict):
     min_images_per_identity: int = Field(2, ge=2)
     max_identities: Optional[int] = Field(None, ge=2)
     on_bad_image: Literal["fail", "quarantine"] = "fail"
+    # what the data fingerprint knows of a dataset's files (data.root): names, sizes and mtimes (stat: one
+    # stat per file), or their SHA-256 too (sha256: reads every byte; copies keep the fingerprint)
+    fingerprint: Literal["stat", "sha256"] = "stat"
 
     def kind_settings(self) -> dict[str, Any]:
         """The sections of dataset settings: kind -> its raw settings."""
@@ -176,8 +180,12 @@ class TrackingConfig(Strict):
     sample_originals: Optional[bool] = None
 
 
+#: a run's name is one folder under results_dir: no separator, no "..", nothing a shell would trip on
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$"
+
+
 class RunConfig(Strict):
-    name: str = "run"
+    name: str = "run"  # results go to <results_dir>/<name>/
     runs_dir: str = "runs"
     results_dir: str = "results"
     data: DataConfig = DataConfig()
@@ -189,6 +197,14 @@ class RunConfig(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     progress: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not re.match(NAME_PATTERN, v) or len(v) > 200:
+            raise ValueError("must be a plain folder name (letters, digits and _ . + = -, no '/' and not starting with '.'): "
+                             "results go to <results_dir>/<name>/")
+        return v
 
     @field_validator("anonymizers")
     @classmethod

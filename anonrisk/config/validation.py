@@ -7,17 +7,31 @@ from __future__ import annotations
 import typing
 from typing import Any, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from anonrisk.errors import ConfigError
 
 M = TypeVar("M")
 
 
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field takes an int or a float and no bool (``Optional[int]``, ``Union[int, Literal["all"]]``)."""
+    args = typing.get_args(annotation) or (annotation,)
+    return bool is not annotation and any(a in (int, float) for a in args) and bool not in args
+
+
 class Strict(BaseModel):
-    """Unknown keys are errors that name the key."""
+    """Unknown keys are errors that name the key; a boolean is not a number (pydantic would read
+    ``steps: true`` as 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name in cls.model_fields and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, not a boolean")
+        return value
 
 
 class NoParams(Strict):

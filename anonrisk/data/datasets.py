@@ -1,6 +1,9 @@
 """Dataset kinds: each turns a dataset's real on-disk layout into raw items (record id, identity, path,
 official split). ``prepare.py`` (the prepare stage) validates, filters and splits them.
 
+A record id is the image's POSIX path relative to the dataset root, extension included (``paths.record_id``);
+paths read from a dataset's own index files go through ``paths.join_under``, which refuses ``../``.
+
 Add a kind in one file: a ``Dataset`` subclass with a pydantic ``Params`` model (its settings, given in the
 config's ``data.<kind>:`` section), registered with ``@DATASETS.register("name")`` (see docs/architecture.md).
 """
@@ -15,6 +18,7 @@ from typing import ClassVar, Optional
 from pydantic import Field
 
 from anonrisk.config.validation import Strict
+from anonrisk.data.paths import join_under, record_id
 from anonrisk.errors import DataError
 from anonrisk.registry import Kind, Registry
 
@@ -51,6 +55,11 @@ class Dataset(Kind, abc.ABC):
     def items(self, ctx: DatasetContext) -> list[RawItem]:
         """Every image of the dataset (unchecked: the prepare stage validates them)."""
 
+    def preview(self, ctx: DatasetContext) -> list[RawItem]:
+        """The items without making or decoding any image (``anonrisk validate`` counts identities and
+        splits from them); a kind that makes its images in ``items`` overrides it."""
+        return self.items(ctx)
+
 
 DATASETS: Registry[type[Dataset]] = Registry("dataset", group="anonrisk.datasets")
 
@@ -70,7 +79,7 @@ class CelebA(Dataset):
             raise DataError(f"CelebA: identity file not found: {ident_file}")
         partition = {}
         if part_file.exists():
-            for lineno, line in enumerate(part_file.read_text().splitlines(), 1):
+            for lineno, line in enumerate(_read_text(part_file).splitlines(), 1):
                 if line.strip():
                     try:
                         name, p = line.split()
@@ -78,24 +87,33 @@ class CelebA(Dataset):
                     except (ValueError, KeyError):
                         raise DataError(f"{part_file}:{lineno}: expected '<image> <0|1|2>', got {line!r}") from None
         items = []
-        for lineno, line in enumerate(ident_file.read_text().splitlines(), 1):
+        for lineno, line in enumerate(_read_text(ident_file).splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split()
             if len(parts) != 2:
                 raise DataError(f"{ident_file}:{lineno}: expected '<image> <identity>', got {line!r}")
             name, ident = parts
-            items.append(RawItem(id=Path(name).stem, identity=ident, path=str(images / name), official_split=partition.get(name)))
+            path = join_under(images, name, f"{ident_file}:{lineno}")
+            items.append(RawItem(id=record_id(path, root), identity=ident, path=str(path), official_split=partition.get(name)))
         return items
 
 
-def folder_items(root: Path) -> list[RawItem]:
-    """Any folder-per-identity tree: ``root/<identity>/<image>``."""
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def folder_items(root: Path, ids_from: Optional[Path] = None) -> list[RawItem]:
+    """Any folder-per-identity tree: ``root/<identity>/<image>``; ids relative to ``ids_from`` (the dataset
+    root; default ``root``)."""
     items = []
     for person in sorted(p for p in root.iterdir() if p.is_dir()):
         for img in sorted(person.iterdir()):
             if img.suffix.lower() in IMAGE_EXTS:
-                items.append(RawItem(id=f"{person.name}/{img.stem}", identity=person.name, path=str(img)))
+                items.append(RawItem(id=record_id(img, ids_from or root), identity=person.name, path=str(img)))
     return items
 
 
@@ -113,7 +131,7 @@ class LFW(Dataset):
 
     def items(self, ctx: DatasetContext) -> list[RawItem]:
         root = ctx.root / "lfw" if (ctx.root / "lfw").is_dir() else ctx.root
-        return folder_items(root)
+        return folder_items(root, ctx.root)
 
 
 class SyntheticParams(Strict):
@@ -130,6 +148,11 @@ class Synthetic(Dataset):
     Params = SyntheticParams
     needs_root = False
 
+    def preview(self, ctx: DatasetContext) -> list[RawItem]:
+        s = self.p
+        return [RawItem(id=f"id{i:05d}/{j:03d}.png", identity=f"id{i:05d}", path=str(ctx.out_dir / f"id{i:05d}" / f"{j:03d}.png"))
+                for i in range(s.identities) for j in range(s.images_per_identity)]
+
     def items(self, ctx: DatasetContext) -> list[RawItem]:
         from tqdm import tqdm
 
@@ -137,11 +160,9 @@ class Synthetic(Dataset):
         from anonrisk.data.synthetic import render_image
 
         s = self.p
-        items = []
-        todo = [(i, j) for i in range(s.identities) for j in range(s.images_per_identity)]
-        for i, j in tqdm(todo, desc="render synthetic", disable=None if ctx.progress else True, leave=False):
-            path = ctx.out_dir / f"id{i:05d}" / f"{j:03d}.png"
-            if not path.exists():
-                save_image(path, render_image(s.seed, i, j, ctx.image_size))
-            items.append(RawItem(id=f"id{i:05d}_{j:03d}", identity=f"id{i:05d}", path=str(path)))
+        items = self.preview(ctx)
+        for k, it in enumerate(tqdm(items, desc="render synthetic", disable=None if ctx.progress else True, leave=False)):
+            i, j = divmod(k, s.images_per_identity)
+            if not Path(it.path).exists():
+                save_image(it.path, render_image(s.seed, i, j, ctx.image_size))
         return items

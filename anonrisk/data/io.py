@@ -1,4 +1,7 @@
-"""Image reading and writing: RGB uint8 arrays, square centre crops, atomic PNG writes."""
+"""Image reading and writing: RGB uint8 arrays, square centre crops, atomic PNG writes.
+
+16-bit images (PNG ``I;16``, 32-bit integer ``I``) are scaled to 8 bits (``value / 257``), not clipped to
+white; a decompression bomb (more pixels than Pillow's ``MAX_IMAGE_PIXELS`` allows) is an unreadable image."""
 
 from __future__ import annotations
 
@@ -12,17 +15,30 @@ from anonrisk.errors import DataError
 from anonrisk.stages import atomic_path
 
 
+#: what Pillow raises for a file it cannot decode (a decompression bomb is not an OSError)
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel; integer modes wider than 8 bits are scaled, not clipped."""
+    if im.mode.startswith("I"):  # "I;16", "I;16B", "I" (32-bit): 16-bit grey PNGs open as one of them
+        a = np.asarray(im).astype(np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) <= 65535 else float(a.max())
+        im = Image.fromarray(np.clip(np.rint(a * (255.0 / peak)), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     """Read an image as RGB uint8 (H, W, 3); with ``size``, centre-crop to a square and resize."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
             if size is not None:
                 im = fit_square(im, size)
             return np.asarray(im, dtype=np.uint8).copy()
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UNREADABLE as exc:
         raise DataError(f"unreadable image {path}: {exc}") from None
 
 
@@ -53,7 +69,7 @@ def is_readable(path: str | os.PathLike) -> str | None:
         return None
     except FileNotFoundError:
         return "file not found"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UNREADABLE as exc:
         return str(exc) or type(exc).__name__
 
 

@@ -38,8 +38,13 @@ def probes_and_gallery(anonymized: Sequence[FaceRecord], originals: Sequence[Fac
 
 def evaluate_similarity(sim_fn, probes: Sequence[FaceRecord], gallery: Sequence[FaceRecord], cfg: EvaluateConfig, stage: StageDir, begin: dict) -> dict:
     """Run (or reuse) one attack's evaluate stage: ``sim_fn(probes, gallery)`` gives the similarity matrix."""
-    if stage.is_done():
-        return read_json(stage / "metrics.json")
+    with stage.lock():
+        if stage.reuse(["metrics.json"]):
+            return read_json(stage / "metrics.json")
+        return _evaluate(sim_fn, probes, gallery, cfg, stage, begin)
+
+
+def _evaluate(sim_fn, probes, gallery, cfg: EvaluateConfig, stage: StageDir, begin: dict) -> dict:
     stage.begin(begin)
     sim = sim_fn(probes, gallery)
     if tuple(sim.shape) != (len(probes), len(gallery)):
@@ -47,14 +52,19 @@ def evaluate_similarity(sim_fn, probes: Sequence[FaceRecord], gallery: Sequence[
     metrics = {"protocol_version": PROTOCOL_VERSION, "protocols": score_similarity(sim, probes, gallery, cfg)}
     metrics.update(similarity_privacy(sim, probes, gallery, cfg))
     write_json(stage / "metrics.json", metrics)
-    stage.mark_done({"probes": len(probes), "gallery": len(gallery)})
+    stage.mark_done({"probes": len(probes), "gallery": len(gallery)}, outputs=["metrics.json"])
     return metrics
 
 
 def measure_quality(anonymized: Sequence[FaceRecord], originals: Sequence[FaceRecord], image_size: int, cfg: EvaluateConfig, stage: StageDir) -> dict:
     """Leakage and utility of the anonymized test images against their originals (``quality.json``)."""
-    if stage.is_done():
-        return read_json(stage / "quality.json")
+    with stage.lock():
+        if stage.reuse(["quality.json"]):
+            return read_json(stage / "quality.json")
+        return _measure_quality(anonymized, originals, image_size, cfg, stage)
+
+
+def _measure_quality(anonymized, originals, image_size: int, cfg: EvaluateConfig, stage: StageDir) -> dict:
     from anonrisk.evaluate.utility import utility_summary
 
     stage.begin({"evaluate": cfg.model_dump(include=set(QUALITY_KEYS))})
@@ -74,7 +84,7 @@ def measure_quality(anonymized: Sequence[FaceRecord], originals: Sequence[FaceRe
         pairs = ((load_image(g.path, image_size), load_image(p.path, image_size)) for g, p in zip(gallery, probes))
         out["verbatim"] = verbatim_summary(pairs)
     write_json(stage / "quality.json", out)
-    stage.mark_done({"pairs": len(probes)})
+    stage.mark_done({"pairs": len(probes)}, outputs=["quality.json"])
     return out
 
 

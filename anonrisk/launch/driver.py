@@ -106,12 +106,27 @@ def dependency_groups(group_nodes: list[Node], live: dict[str, str], arrays: dic
     return groups
 
 
-def results_current(plan: GridPlan) -> bool:
+def results_state(plan: GridPlan) -> str:
+    """``up to date`` only when results/<grid>/metrics.json holds every cell with the result its finished
+    stage holds now; ``stale`` when a cell's result differs (redone, or another run's); else ``incomplete``."""
     path = plan.results_dir / "metrics.json"
-    if not path.exists():
-        return False
-    doc = read_json(path)
-    return not doc.get("missing") and {c["id"] for c in doc.get("cells", [])} == {c.id for c in plan.cells}
+    try:
+        doc = read_json(path)
+    except (OSError, ValueError):
+        return "incomplete"
+    stored = {c.get("id"): c.get("result") for c in doc.get("cells", []) if isinstance(c, dict)}
+    for cell in plan.cells:
+        node = plan.nodes[plan.cell_nodes[cell.id]["evaluate"]]
+        result = plan.runs_dir / node.key / "result.json"
+        if cell.id in stored and plan.is_done(node) and result.exists() and read_json(result) != stored[cell.id]:
+            return "stale"
+    if doc.get("missing") or set(stored) != {c.id for c in plan.cells}:
+        return "incomplete"
+    return "up to date"
+
+
+def results_current(plan: GridPlan) -> bool:
+    return results_state(plan) == "up to date"
 
 
 def submit(plan: GridPlan, kind: str, overrides: dict[str, Any], wait: bool = False) -> dict[str, Any]:

@@ -39,7 +39,7 @@ AxisValues = Union[list[Any], dict[str, dict[str, Any]]]
 
 
 class GridSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # a folder under results_dir: never ".."
     base: Optional[str] = None  # run config, relative to the grid file
     profile: str = "local"  # configs/clusters/<profile>.yaml or a path
     fixed: dict[str, Any] = {}
@@ -175,6 +175,13 @@ def _check_cell(cell_plan, where: str) -> None:
 
 def plan_grid(path: str | os.PathLike, overrides: dict[str, Any] | None = None, check: bool = True) -> GridPlan:
     """Expand and validate the whole grid. Raises ConfigError naming the cell and key; queues nothing."""
+    from anonrisk.data.content import cached
+
+    with cached():  # a dataset's files are listed once for all the cells that read it
+        return _plan_grid(path, overrides, check)
+
+
+def _plan_grid(path: str | os.PathLike, overrides: dict[str, Any] | None, check: bool) -> GridPlan:
     from anonrisk.plan import plan
 
     spec, gpath = load_grid(path, overrides)

@@ -82,12 +82,13 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
         from anonrisk.stages import write_json
 
         out = target.cell
-        if not out.is_done():
-            out.begin({"config": cfg.model_dump(mode="json"), "fingerprints": target.fingerprints()})
-            pipe.prepare()
-            card = pipe.report_card(target, pipe.validate_attacks())
-            write_json(out / "result.json", card)
-            out.mark_done({"attacks": sorted(card["attacks"])})
+        with out.lock():
+            if not out.reuse(["result.json"]):
+                out.begin({"config": cfg.model_dump(mode="json"), "fingerprints": target.fingerprints()})
+                pipe.prepare()
+                card = pipe.report_card(target, pipe.validate_attacks())
+                write_json(out / "result.json", card)
+                out.mark_done({"attacks": sorted(card["attacks"])}, outputs=["result.json"])
         result = read_json(out / "result.json")
         for cid in cells:
             grid_mlflow.log_cell(Path(grid_dir), cid, result)

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from anonrisk.launch.driver import results_current
+from anonrisk.launch.driver import results_state
 from anonrisk.launch.grid import STAGES, GridPlan, Node
 from anonrisk.launch.slurm import in_queue, queued_jobs, sacct_states
 from anonrisk.stages import read_json
@@ -98,7 +98,7 @@ def status(plan: GridPlan) -> dict[str, Any]:
                 counts["not submitted"] += 1
         rows[stage] = counts
     collect_job = (state.get("collect") or {}).get("job_id")
-    return {"grid": plan.spec.name, "stages": rows, "problems": problems, "results_current": results_current(plan),
+    return {"grid": plan.spec.name, "stages": rows, "problems": problems, "results_current": results_state(plan),
             "results_dir": str(plan.results_dir), "collect_job": collect_job,
             "collect_state": finals.get(collect_job) if collect_job else None}
 
@@ -109,6 +109,7 @@ def format_status(st: dict[str, Any]) -> str:
     for stage, c in st["stages"].items():
         lines.append(f"{stage:10s} {c['total']:5d} {c['done']:5d} {c['queued']:6d} {c['failed']:6d} {c['not submitted']:13d}")
     lines += [f"  ! {p}" for p in st["problems"]]
-    res = "up to date" if st["results_current"] else "incomplete"
+    res = st["results_current"]  # up to date, stale or incomplete
+    res += ": anonrisk grid collect rewrites them" if res == "stale" else ""
     lines.append(f"results: {st['results_dir']} ({res})" + (f"; collect job {st['collect_job']} {st['collect_state'] or ''}" if st["collect_job"] else ""))
     return "\n".join(lines)

@@ -81,7 +81,7 @@ def sweep_specs(sweeps: list[Sweep], config_path: Optional[str]) -> list[tuple[S
     return points
 
 
-def run_sweeps(cfg: RunConfig, sweeps: list[Sweep], config_path: Optional[str] = None) -> dict:
+def run_sweeps(cfg: RunConfig, sweeps: list[Sweep], config_path: Optional[str] = None, overwrite: bool = False) -> dict:
     """Run every sweep point through the run's plan; write the run's report and the sweep summary."""
     from anonrisk.pipeline import Pipeline
     from anonrisk.report.card import ran
@@ -92,7 +92,7 @@ def run_sweeps(cfg: RunConfig, sweeps: list[Sweep], config_path: Optional[str] =
     if len(set(names)) != len(names):
         raise ConfigError("sweeps: two points share a name (repeated sweep name and value)")
     run_cfg = cfg.model_copy(update={"anonymizers": [s for _, _, s in points]})
-    doc = Pipeline(run_cfg).run()
+    doc = Pipeline(run_cfg).run(overwrite=overwrite)
     summary: dict = {"schema": "anonrisk.sweep", "schema_version": SWEEP_SCHEMA_VERSION, "run": cfg.name, "protocols": [MAIN, LINKAGE], "sweeps": []}
     for sw in sweeps:
         rows = []

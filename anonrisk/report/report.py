@@ -162,14 +162,19 @@ def stage_runtime(runs_dir: str, results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_report(cfg: RunConfig, data_stage: StageDir, results: dict[str, Any], anonymized: dict[str, StageDir] | None = None) -> dict:
-    """``anonymized``: each anonymizer's anonymize stage, for its samples grid."""
+def write_report(cfg: RunConfig, data_stage: StageDir, results: dict[str, Any], anonymized: dict[str, StageDir] | None = None,
+                 overwrite: bool = False) -> dict:
+    """``anonymized``: each anonymizer's anonymize stage, for its samples grid. Refused (ConfigError) when
+    ``<results_dir>/<name>/`` holds results of other settings, unless ``overwrite`` (``report/overwrite.py``)."""
     from anonrisk.environment import environment
+    from anonrisk.report.overwrite import check_overwrite, settings_of
 
     out = Path(cfg.results_dir) / cfg.name
+    check_overwrite(out, settings_of(results), overwrite)
     out.mkdir(parents=True, exist_ok=True)
     data_done = read_json(data_stage / "DONE")
     made_by = data_done.pop("made_by", None)
+    data_done.pop("outputs", None)  # the manifest's digest: the stage's business
     doc = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

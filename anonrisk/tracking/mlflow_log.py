@@ -48,12 +48,12 @@ def resolved_uri(cfg: RunConfig) -> str:
 def client(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded result.json
-    from mlflow import MlflowClient
-
     if not log.isEnabledFor(logging.DEBUG):  # -v keeps them; else "Creating initial MLflow database tables..." etc.
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    return MlflowClient(uri)
+    from anonrisk.tracking.store import ready_client
+
+    return ready_client(uri)  # a new sqlite store is created (migrated) by one process at a time
 
 
 def artifact_root(uri: str) -> Optional[str]:
