@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 python3 -m venv /tmp/anonrisk-piptools && /tmp/anonrisk-piptools/bin/pip install -q "pip-tools==7.6.2"
 /tmp/anonrisk-piptools/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras \
   --no-emit-index-url --no-emit-find-links \
-  --extra diffusion --extra ray --extra deepspeed --extra slurm --extra test --extra recognizers \
+  --extra diffusion --extra ray --extra deepspeed --extra slurm --extra test --extra recognizers --extra compel --extra hf \
   -c requirements/cpu.txt -o requirements/lock.txt pyproject.toml
 echo "requirements/lock.txt: $(grep -c '^[A-Za-z0-9]' requirements/lock.txt) packages"
