@@ -7,8 +7,8 @@ import contextlib
 import torch
 
 from anonrisk.attack.dist import barrier
-from anonrisk.attack.engine_base import DTYPES, ContrastiveModel, Engine, fp32
-from anonrisk.attack.train_plan import Plan, fused_adamw
+from anonrisk.attack.engine_base import DTYPES, ContrastiveModel, Engine, fp32, layerwise_optimizer
+from anonrisk.attack.train_plan import LAYERWISE, Plan, fused_adamw
 from anonrisk.config.schema import TrainConfig
 from anonrisk.stages import atomic_path
 
@@ -32,7 +32,9 @@ class TorchEngine(Engine):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = DDP(self.module, device_ids=ids, broadcast_buffers=not cfg.freeze_bn)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        if cfg.optimizer == "sgd":
+        if cfg.optimizer in LAYERWISE:
+            self.opt = layerwise_optimizer(cfg, self.module)
+        elif cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
             fused = {"fused": True} if fused_adamw(self.device) else {}
