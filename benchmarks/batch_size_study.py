@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
     out = Path(probe.cfg.results_dir) / (args.name or study["name"])
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"study": study, "base_config": str(base.relative_to(REPO)) if base.is_relative_to(REPO) else str(base),
+    doc = {"name": args.name or study["name"], "study": study, "base_config": str(base.relative_to(REPO)) if base.is_relative_to(REPO) else str(base),
            "overrides": common, "train_pairs": train_pairs, "train_identities": len({r.identity for r in probe.records if r.split == "train"}),
            "metric": metric, "rows": rows, "not_run": not_run, "command": " ".join(["python", *sys.argv]),
            "total_seconds": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
 
 def render(doc: dict) -> str:
     s = doc["study"]
-    lines = [f"# Re-identification vs contrastive batch size: {s['name']}", "",
+    lines = [f"# Re-identification vs contrastive batch size: {doc.get('name', s['name'])}", "",
              f"`benchmarks/batch_size_study.py` on `{doc['base_config']}` with {', '.join(f'`{o}`' for o in doc['overrides'])}. "
              f"{budget(s, doc['train_pairs'])}, {s.get('per_identity')} images per identity per batch, lr "
              f"{s.get('lr', {}).get('scaling', 'fixed')}-scaled from {s.get('lr', {}).get('base')} at batch {s.get('lr', {}).get('base_batch')}; "
@@ -117,11 +117,11 @@ def render(doc: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in doc["rows"]:
         lines.append(f"| {r['anonymizer']} | {r['batch']} | {r['steps']} | {r['lr']:.4g} | {r['grad_cache_chunk'] or '-'} | "
-                     f"{r['top1']:.3f} | [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | "
+                     f"{r['top1']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
                      f"{'-' if r['linkage_top1'] is None else format(r['linkage_top1'], '.3f')} | {r['final_loss']:.3f} | "
                      f"{r['train_seconds'] or 0:.0f} |")
     chance = doc["rows"][0]["chance"] if doc["rows"] else None
-    lines += ["", f"Chance top-1: {chance:.3f}." if chance else ""]
+    lines += ["", f"Chance top-1: {chance:.4f}." if chance else ""]
     if doc.get("train_identities"):
         lines += ["", f"{doc['train_identities']} training identities: the largest batch run holds "
                       f"{max(r['batch'] for r in doc['rows']) // s.get('per_identity', 2) if doc['rows'] else 0} of them."]
