@@ -37,6 +37,11 @@ def cmd_run(args) -> int:
     doc = Pipeline(_load(args)).run(args.only)
     print(doc["table"])
     print(f"results: {doc['results_dir']}/ (metrics.json, report.md, plots/)")
+    if doc.get("mlflow"):
+        from anonrisk.tracking.mlflow_log import ui_hint
+
+        m = doc["mlflow"]
+        print(ui_hint(m["tracking_uri"], m["experiment_id"], m["parent_run_id"]))
     return 0
 
 
@@ -109,18 +114,40 @@ def cmd_validate(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    runs = Path(args.runs_dir)
-    if not runs.is_dir():
-        print(f"no runs under {runs}/")
+    from anonrisk.launch.listing import list_presets, list_stages
+
+    if args.what == "kinds":
+        print_kinds()
+        print(list_presets())
         return 0
-    for stage in ("prepare", "anonymize", "train", "evaluate", "quality", "embed", "cell"):
-        for marker in sorted((runs / stage).glob("**/config.json")):
-            d = marker.parent
-            status = "done" if (d / "DONE").exists() else "partial"
-            print(f"{stage:10s} {status:8s} {d.relative_to(runs)}")
-    results = Path(args.results_dir)
-    for m in sorted(results.glob("*/metrics.json")):
-        print(f"{'results':10s} {'':8s} {m.parent}")
+    print(list_stages(args.runs_dir, args.results_dir))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from anonrisk.launch.audit import run_audit
+
+    attacks = tuple(a for a in ("edge", "recognizer") if not (a == "recognizer" and args.no_recognizer))
+    text, out = run_audit(args.originals, args.anonymized, args.out, args.labels, args.image_size, attacks)
+    print(text)
+    print(f"written: {out}/audit.md, report.md, metrics.json, leaderboard.md")
+    return 0
+
+
+def print_kinds() -> int:
+    """Every anonymizer, attack and dataset kind with the package it comes from and its settings; plugins that
+    failed to load with the reason (they never hide the others)."""
+    from anonrisk.plan import kinds
+
+    for kind, infos in kinds().items():
+        print(f"{kind}s:")
+        for k in infos:
+            if k.error:
+                print(f"  {k.name:14s} [{k.package}] FAILED: {k.error}")
+                continue
+            items = [f"{n}={f.default!r}" if not f.is_required() else f"{n} (required)" for n, f in k.params.model_fields.items()]
+            fields = ", ".join(items[:6]) + (f", ... ({len(items)} settings)" if len(items) > 6 else "")
+            print(f"  {k.name:14s} [{k.package}] {fields}")
     return 0
 
 
@@ -197,6 +224,22 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_weights(args) -> int:
+    from anonrisk.launch import weights
+
+    items = weights.needs(args.target, args.fetch or args.root)
+    print(weights.table(items))
+    if args.fetch:
+        try:
+            lines = weights.fetch(items, args.fetch)
+        except weights.FetchFailed as exc:
+            print("\n".join(exc.lines))
+            print(f"anonrisk: error: {exc}", file=sys.stderr)
+            return 1
+        print("\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anonrisk", description="Measure how much identity survives image anonymization.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -246,7 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--cols", help="axis across (default: the first other axis that varies)")
     cmp_.add_argument("--out", help="write comparison.md and comparison.png here")
     cmp_.set_defaults(fn=cmd_compare)
-    ls = sub.add_parser("ls", help="list stage directories and results")
+    w = sub.add_parser("weights", help="the weights a preset or grid needs: source, local place, present or not; --fetch downloads them")
+    w.add_argument("target", help="an anonymizer preset (camouflage-base-paper) or a grid (configs/grids/full.yaml)")
+    w.add_argument("--root", help="the weights root to check (default: $ANONRISK_WEIGHTS, else ./weights)")
+    w.add_argument("--fetch", metavar="DIR", help="download what is missing into DIR (huggingface_hub; HF_ENDPOINT picks the server)")
+    w.set_defaults(fn=cmd_weights)
+    au = sub.add_parser("audit", help="privacy report for a folder of originals and a folder of their anonymized images (no config)")
+    au.add_argument("originals", help="folder of original images")
+    au.add_argument("anonymized", help="folder of anonymized images at the same relative paths (any image extension)")
+    au.add_argument("--out", help="results folder (default ./audit-<ANONYMIZED name>)")
+    au.add_argument("--labels", choices=["none", "folders"], default="none",
+                    help="none: every image its own identity (linkage only); folders: ORIGINALS/<identity>/<image>")
+    au.add_argument("--image-size", type=int, default=112, help="working size in pixels (default 112)")
+    au.add_argument("--no-recognizer", action="store_true", help="skip the off-the-shelf recognizer (dlib)")
+    au.set_defaults(fn=cmd_audit)
+    ls = sub.add_parser("ls", help="list stage directories (anonymizer, attack, backbone, state, size, age) and results; "
+                                   "`ls kinds`: every kind with its package and settings, and the presets")
+    ls.add_argument("what", nargs="?", choices=["stages", "kinds"], default="stages",
+                    help="kinds: the anonymizer, attack and dataset kinds, plugins included, and the anonymizer presets")
     ls.add_argument("--runs-dir", default="runs")
     ls.add_argument("--results-dir", default="results")
     ls.set_defaults(fn=cmd_ls)
@@ -257,14 +317,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from anonrisk.errors import AnonriskError
+    from anonrisk.launch.ranks import quiet_other_ranks
+
+    quiet_other_ranks(logging.DEBUG if args.verbose else logging.INFO)  # under torchrun: rank 0 talks
 
     try:
         return args.fn(args)
     except AnonriskError as exc:
         if args.verbose:
             raise
-        print(f"anonrisk: error: {exc}", file=sys.stderr)
-        return 2
+        code = getattr(exc, "exit_code", 2)  # a checkpoint-and-stop is no error: its own code (train.Preempted)
+        print(f"anonrisk: {'error: ' if code == 2 else ''}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("anonrisk: interrupted; finished shards and checkpoints are kept, rerun to resume", file=sys.stderr)
         return 130

@@ -8,8 +8,8 @@ a grid launcher, one cell per job) in any order. Attacks get an ``AttackContext`
 from __future__ import annotations
 
 import logging
-from functools import cached_property
-from typing import Optional, Union
+from functools import cached_property, partial
+from typing import Callable, Optional, Union
 
 from anonrisk.config.schema import DataConfig, RunConfig, Spec
 from anonrisk.data.records import FaceRecord, read_manifest
@@ -34,6 +34,8 @@ class Pipeline:
         self.plan = cfg if isinstance(cfg, RunPlan) else plan(cfg)
         self.cfg = self.plan.cfg
         self.progress = self.cfg.progress
+        # (attack, step, loss, lr) from a training loop, on rank 0: the MLflow live curve (tracking/steps.py)
+        self.on_train_step: Optional[Callable[[str, int, float, float], None]] = None
 
     def target(self, which: Target) -> TargetPlan:
         return which if isinstance(which, TargetPlan) else self.plan.target(which)
@@ -70,7 +72,8 @@ class Pipeline:
         from anonrisk.attack.base import AttackContext
 
         anonymized = (lambda: self._anonymized(target)) if target is not None else None
-        return AttackContext(self.records, self.cfg.data.image_size, self.progress, a.train, a.train_config, a.caches, anonymized)
+        on_step = partial(self.on_train_step, a.name) if self.on_train_step else None
+        return AttackContext(self.records, self.cfg.data.image_size, self.progress, a.train, a.train_config, a.caches, anonymized, on_step)
 
     def validate_attacks(self) -> dict[str, str]:
         """Check every configured attack before any work (needs the prepared records): a wrong setting is a
@@ -91,7 +94,8 @@ class Pipeline:
         if t.anonymize.is_done():
             return t.anonymize
         t.anonymizer.validate()
-        job = AnonymizeJob(t.spec, t.anonymizer, self.records, t.anonymize, self.cfg.data.image_size, self.cfg.anonymize, self.progress)
+        job = AnonymizeJob(t.spec, t.anonymizer, self.records, t.anonymize, self.cfg.data.image_size, self.cfg.anonymize, self.progress,
+                           self.cfg.data.on_bad_image)
         if self.cfg.anonymize.runner == "ray":
             from anonrisk.anonymize.ray_runner import anonymize_ray
 
@@ -184,14 +188,23 @@ class Pipeline:
 
     # ---- the whole run ---------------------------------------------------------------------------
     def run(self, only: Optional[list[str]] = None) -> dict:
+        """Every stage of every anonymizer (or those in ``only``), then the report; MLflow follows the work:
+        the parent run is open for the whole run, each anonymizer's child run while its stages run."""
         from anonrisk.report.report import write_report
+        from anonrisk.tracking.run_log import track_run
 
         self.validate()
-        self.prepare()
-        unavailable = self.validate_attacks()
-        results = {}
-        for name, t in self.plan.targets.items():
-            if only and name not in only:
-                continue
-            results[name] = self.report_card(t, unavailable)
-        return write_report(self.cfg, self.prepare(), results)
+        names = [name for name in self.plan.targets if not only or name in only]
+        with track_run(self.cfg, self.plan, names) as tracker:
+            self.on_train_step = tracker.on_train_step
+            self.prepare()
+            unavailable = self.validate_attacks()
+            results = {}
+            for name in names:
+                t = self.plan.targets[name]
+                with tracker.child(t):
+                    results[name] = self.report_card(t, unavailable)
+                    tracker.log_card(t, results[name])
+            doc = write_report(self.cfg, self.prepare(), results, {name: self.plan.targets[name].anonymize for name in names})
+            doc["mlflow"] = tracker.finish(doc)
+        return doc

@@ -18,6 +18,7 @@ attack once. Planning reads no data and touches no cluster.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -33,6 +34,8 @@ from anonrisk.config.validation import fields_of
 from anonrisk.data.datasets import DATASETS, Dataset
 from anonrisk.errors import ConfigError
 from anonrisk.stages import StageDir, fingerprint
+
+log = logging.getLogger("anonrisk")
 
 CELL_VERSION = 2  # 2: a cell is named by its plan's fingerprints (1: by its whole config)
 
@@ -185,7 +188,18 @@ def _anonymizer(spec: Spec, key: str) -> Anonymizer:
         presets = preset_names()
         raise ConfigError(f"{key}: unknown anonymizer {spec.kind!r}; built-in kinds: {', '.join(ANONYMIZERS.names())}; "
                           f"presets: {', '.join(presets) or '(none found)'}")
-    return ANONYMIZERS.build(spec.kind, key, **spec.params)
+    from anonrisk.weights import localize  # weights/... and fetched hub ids under $ANONRISK_WEIGHTS (anonrisk weights)
+
+    return ANONYMIZERS.build(spec.kind, key, **localize(spec.params))
+
+
+def linkage_only(cfg: RunConfig) -> RunConfig:
+    """A dataset without identity labels has one image per "identity": only full-ref/linkage (is a probe
+    linked to its own original?) means anything; the report says so."""
+    ev = cfg.evaluate
+    if ev.modes != ["linkage"] or ev.protocols != ["full-ref"]:
+        log.warning("data.dataset %s has no identity labels: only the full-ref/linkage protocol runs", cfg.data.dataset)
+    return cfg.model_copy(update={"evaluate": ev.model_copy(update={"modes": ["linkage"], "protocols": ["full-ref"]})})
 
 
 def plan(cfg: RunConfig) -> RunPlan:
@@ -194,6 +208,8 @@ def plan(cfg: RunConfig) -> RunPlan:
     runs, size = cfg.runs_dir, cfg.data.image_size
     dataset, prepare = plan_data(cfg.data, runs)
     data_fp = prepare.fingerprint
+    if not dataset.labeled:
+        cfg = linkage_only(cfg)
     attacks = []
     for i, a in enumerate(cfg.attacks):
         key = f"attacks[{i}] ({a.name})"
@@ -221,3 +237,9 @@ def plan(cfg: RunConfig) -> RunPlan:
         cell = StageDir(runs, "cell", fingerprint("cell", CELL_VERSION, cell_fingerprints(prepare, anonymize, quality, plans)))
         out.targets[spec.name] = TargetPlan(spec.name, key, spec, anonymizer, prepare, anonymize, quality, plans, cell)
     return out
+
+
+def kinds() -> dict[str, list]:
+    """Every anonymizer, attack and dataset kind, built-in and from plugins (``registry.KindInfo``: its package,
+    its Params, or why its plugin failed to load): what ``anonrisk ls kinds`` prints."""
+    return {"anonymizer": ANONYMIZERS.kinds(), "attack": ATTACKS.kinds(), "dataset": DATASETS.kinds()}

@@ -11,6 +11,7 @@ asked for and never breaks the other kinds.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Generic, Mapping, Optional, TypeVar
 
 from pydantic import BaseModel
@@ -34,12 +35,34 @@ class Kind:
         self.key = key
 
 
+@dataclass(frozen=True)
+class KindInfo:
+    """One registered kind as ``anonrisk ls kinds`` shows it: where it comes from and its settings."""
+
+    name: str
+    package: str  # the distribution that provides it ("anonrisk" for the built-in kinds)
+    entry: Any  # the class (None when its plugin failed to load)
+    params: Optional[type[BaseModel]]  # its Params model (None when it failed to load)
+    error: Optional[str] = None  # why a plugin's kind did not load
+
+
+def _package_of(entry: Any) -> str:
+    """The distribution whose code defines ``entry`` (its top-level module's, else that module's name)."""
+    top = (getattr(entry, "__module__", None) or "?").split(".")[0]
+    if top == "anonrisk":
+        return "anonrisk"
+    from importlib.metadata import packages_distributions
+
+    return ", ".join(packages_distributions().get(top, [])) or top
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str, group: Optional[str] = None):
         self.kind = kind
         self.group = group  # entry-point group of outside kinds
         self._entries: dict[str, T] = {}
         self._broken: dict[str, str] = {}  # entry-point name -> why it did not load
+        self._origin: dict[str, str] = {}  # kind name -> the distribution whose entry point brought it
         self._discovered = group is None
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -64,6 +87,7 @@ class Registry(Generic[T]):
             if ep.name in self._entries:
                 continue
             package = ep.dist.name if ep.dist is not None else "?"
+            before = set(self._entries)
             try:
                 loaded = ep.load()
             except Exception as exc:  # noqa: BLE001 - any failure: report it, keep the other kinds
@@ -72,6 +96,8 @@ class Registry(Generic[T]):
                 continue
             if ep.name not in self._entries and callable(loaded):  # a module that registered itself is done
                 self.add(ep.name, loaded)
+            for name in set(self._entries) - before:  # what this entry point brought (also by registering itself)
+                self._origin[name] = package
 
     def __contains__(self, name: str) -> bool:
         self._discover()
@@ -80,6 +106,16 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         self._discover()
         return sorted(self._entries)
+
+    def kinds(self) -> list[KindInfo]:
+        """Every kind, built-in and from plugins, with its package and Params; plugins that failed to load
+        are listed with the reason (sorted by name)."""
+        self._discover()
+        out = [KindInfo(name, self._origin.get(name) or _package_of(entry), entry, getattr(entry, "Params", NoParams))
+               for name, entry in self._entries.items()]
+        out += [KindInfo(name, why.split(" ")[1] if why.startswith("package ") else "?", None, None, why)
+                for name, why in self._broken.items() if name not in self._entries]
+        return sorted(out, key=lambda k: k.name)
 
     def get(self, name: str, key: str = "") -> T:
         self._discover()

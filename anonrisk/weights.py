@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -48,3 +49,32 @@ def own_aligned_(module) -> int:
                     t.data = t.data.clone(memory_format=torch.contiguous_format)
                     copied += 1
     return copied
+
+
+# ---- the weights root (``ANONRISK_WEIGHTS``) ----------------------------------------------------------
+
+#: a Hugging Face repo id (``owner/name``)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+#: how presets name files under the weights root
+WEIGHTS_PREFIX = "weights/"
+
+
+def localize(value, root: str | os.PathLike | None = None):
+    """``value`` (a param, or a list/dict of them) with weights references moved under the weights root
+    (``root`` or ``$ANONRISK_WEIGHTS``; unset: unchanged): ``weights/<rel>`` -> ``<root>/<rel>``, and a hub id
+    ``owner/name`` -> ``<root>/owner/name`` when that folder exists (where ``anonrisk weights --fetch`` puts it)."""
+    root = root if root is not None else os.environ.get("ANONRISK_WEIGHTS")
+    if not root:
+        return value
+    if isinstance(value, list):
+        return [localize(v, root) for v in value]
+    if isinstance(value, dict):
+        return {k: localize(v, root) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+    base = Path(root).expanduser()
+    if value.startswith(WEIGHTS_PREFIX):
+        return str(base / value[len(WEIGHTS_PREFIX):])
+    if HUB_ID.match(value) and not Path(value).exists() and (base / value).is_dir():
+        return str(base / value)
+    return value

@@ -14,7 +14,7 @@ from anonrisk.plan import plan
 
 MAIN = "full-ref/exclude-source"
 ATTACKS = (
-    "[edge, surrogate, edge-encoder, "
+    "[edge, {name: surrogate, kind: surrogate, params: {input: rgb+edges}}, edge-encoder, "
     "{name: arcface, kind: recognizer, params: {model: arcface}}, "
     "{name: facenet, kind: recognizer, params: {model: facenet, weights: /nonexistent/facenet.safetensors}}]"
 )

@@ -73,7 +73,7 @@ def test_bad_params_of_every_kind_are_one_config_error_naming_the_key():
         (["attacks=[{name: c, kind: contrastive, params: {steps: 0}}]"], r"attacks\[0\] \(c\): params.steps: Input should be greater than or equal to 1"),
         (["attacks=[{name: r, kind: recognizer, params: {model: dlib, upsample: -2}}]"], r"attacks\[0\] \(r\): recognizer 'dlib': params.upsample: Input should be greater"),
         (["data.synthetic.identities=1"], r"data: dataset 'synthetic': data.synthetic.identities: Input should be greater than or equal to 2"),
-        (["data.celeb={}"], r"data.celeb: unknown key; valid keys here: dataset, root, .*a dataset kind: celeba, folder, lfw, synthetic"),
+        (["data.celeb={}"], r"data.celeb: unknown key; valid keys here: dataset, root, .*a dataset kind: celeba, folder, hf, lfw, synthetic, unlabeled, wild"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -26,7 +26,8 @@ from anonrisk.data.synthetic import render_image  # noqa: E402
 from anonrisk.errors import ConfigError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = ["instance-aug", "controlnet-canny", "controlnet-depth", "controlnet-softedge", "sd-nocond", "camouflage-base"]
+PRESETS = ["instance-aug", "controlnet-canny", "controlnet-depth", "controlnet-softedge", "sd-nocond", "camouflage-base",
+           "camouflage-light"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,7 +86,7 @@ def test_tiny_preset_runs_end_to_end(name, faces):
         assert np.array_equal(out[:, :3, :3], faces[:2, :3, :3])
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESETS + ["instance-aug-faithful", "camouflage-base-paper"])
 def test_full_preset_builds_and_names_what_is_missing(name):
     a = preset(name)  # parses: the same schema as the tiny twin
     with pytest.raises(ConfigError, match=r"params\.") as err:

@@ -89,7 +89,7 @@ def test_full_grid_plan_counts(monkeypatch, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"axes": {"anonymizer": ["identity", "blurr"]}}, "unknown anonymizer 'blurr'"),
     ({"axes": {"anonymizer": ["identity"], "backbone": ["resnet_51"]}}, "train.backbone 'resnet_51' is not a timm model"),
-    ({"axes": {"anonymizer": ["identity"], "dataset": ["imagenet"]}}, "data.dataset: unknown dataset 'imagenet'; known: celeba, folder, lfw, synthetic"),
+    ({"axes": {"anonymizer": ["identity"], "dataset": ["imagenet"]}}, "data.dataset: unknown dataset 'imagenet'; known: celeba, folder, hf, lfw, synthetic, unlabeled, wild"),
     ({"axes": {"anonymizer": ["identity"], "dataset": {"celeba": {"data.dataset": "celeba", "data.root": "/no/such/celeba"}}}},
      "data.root '/no/such/celeba' is not a directory"),
     ({"resources": {"train": {"gpus": 16}}}, "train.gpus=16 exceeds what cluster profile 'local' allows (max_gpus_per_node=8)"),
@@ -180,12 +180,55 @@ def test_only_rank_0_of_a_multi_task_training_job_logs_the_loss_curve(monkeypatc
 
     cfg = plan_grid("configs/grids/smoke.yaml", {"runs_dir": str(tmp_path / "runs")}, check=False).cells[0].config
     monkeypatch.setattr(Pipeline, "train", lambda self, target, attack: StageDir(str(tmp_path), "train", "fp"))
-    logged = []
-    monkeypatch.setattr(grid_mlflow, "log_training", lambda grid_dir, cell, path, metric: logged.append(cell))
+    logged, closed = [], []
+
+    class Logger:  # the live step logger of one cell's run (tests/test_tracking.py runs the real one)
+        def __call__(self, step, loss, lr): ...
+
+        def close(self, log_path):
+            closed.append(log_path.name)
+
+    monkeypatch.setattr(grid_mlflow, "training_loggers", lambda grid_dir, cells, names: [logged.append(c) or Logger() for c in cells])
     left = []
     monkeypatch.setattr(dist, "leave_process_group", lambda: left.append(1))  # not this session's group
     for rank in (3, 0):
         monkeypatch.setattr(dist, "world", lambda rank=rank: (rank, 16))
         jobs.run_stage("train", cfg.model_dump(mode="json"), str(tmp_path), "cell", ["cell", "other"], "contrastive")
-    assert logged == ["cell", "other"]  # rank 3 logged nothing, rank 0 both cells
+    assert logged == ["cell", "other"] and closed == ["log.jsonl"] * 2  # rank 3 logged nothing, rank 0 both cells
     assert len(left) == 2  # and every rank left the group together before its process exits
+
+
+@pytest.mark.slow  # two tiny grids on the debug executor: about 25 s on 2 quiet cores
+def test_resubmitted_grid_with_changed_settings_never_leaves_mlflow_stale(tmp_path, capsys):
+    """Issue 15.4: MLflow child runs are keyed by the cell's fingerprint, not its label. After train.seed=1 the
+    old runs say "(superseded)", the new ones hold the new numbers, and compare --mlflow agrees with JSON."""
+    import mlflow
+
+    grid = write_grid(tmp_path, axes={"anonymizer": ["identity", "noise"], "backbone": ["test_convnext"]})
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    tables = []
+    for seed in (0, 1):
+        fixed = yaml.safe_load(grid.read_text())["fixed"] | {"train.seed": seed}
+        grid = write_grid(tmp_path, axes={"anonymizer": ["identity", "noise"], "backbone": ["test_convnext"]}, fixed=fixed)
+        assert main(["grid", "submit", str(grid), "--executor", "debug"]) == 0
+        capsys.readouterr()
+        metric = ["--metric", "contrastive.full-ref.exclude-source.top1"]
+        assert main(["compare", str(tmp_path / "results" / "tiny"), *metric]) == 0
+        from_json = capsys.readouterr().out
+        assert main(["compare", "--mlflow", uri, "--experiment", "tiny-grid", *metric]) == 0
+        from_mlflow = capsys.readouterr().out  # MLflow alone: the same table as the JSON results
+        assert sorted(from_mlflow.splitlines()) == sorted(from_json.splitlines()) and "| noise |" in from_json
+        tables.append(from_json)
+    assert tables[0] != tables[1]  # the seed changed the numbers (else this test could not fail)
+    runs = client.search_runs([client.get_experiment_by_name("tiny-grid").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    stale = [r for r in children if "anonrisk.superseded_by" in r.data.tags]
+    assert len(children) == 4 and len(stale) == 2 and all(r.info.run_name.endswith("(superseded)") for r in stale)
+    fresh = {r.data.tags["anonrisk.cell"]: r for r in children if r not in stale}
+    doc = json.loads((tmp_path / "results" / "tiny" / "metrics.json").read_text())
+    for cell in doc["cells"]:
+        top1 = cell["result"]["attacks"]["contrastive"]["protocols"]["full-ref/exclude-source"]["top1"]["value"]
+        assert fresh[cell["id"]].data.metrics["contrastive/top1"] == pytest.approx(top1)
+        assert fresh[cell["id"]].data.tags["anonrisk.fingerprint"] == plan_grid(grid).cell(cell["id"]).target.cell.fingerprint
+        assert len(client.get_metric_history(fresh[cell["id"]].info.run_id, "train/loss")) == 6  # every step, once

@@ -84,8 +84,9 @@ def test_results_dir_and_mlflow(quickstart):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(children) == 6
     ident = next(r for r in children if r.data.tags["anonrisk.anonymizer"] == "identity")
-    assert ident.data.metrics["contrastive.full-ref.linkage.top1"] == top1(doc, "identity", "full-ref/linkage")["value"]
-    assert ident.data.metrics["edge.full-ref.linkage.top1"] == top1(doc, "identity", "full-ref/linkage", "edge")["value"]
+    assert ident.data.metrics["contrastive/top1"] == top1(doc, "identity")["value"]
+    assert ident.data.metrics["edge/top1_norm"] == top1(doc, "identity", attack="edge")["normalized"]
+    assert ident.data.metrics["worst/linkage_top1"] == max(top1(doc, "identity", "full-ref/linkage", a)["value"] for a in ("contrastive", "edge"))
     parent = next(r for r in runs if not r.data.tags.get("mlflow.parentRunId"))
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "metrics.json" in artifacts and not any(a.endswith((".jpg", ".png")) for a in artifacts if "plots" not in a)

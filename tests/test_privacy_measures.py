@@ -22,13 +22,13 @@ def test_identity_reads_one_and_noise_reads_about_zero():
     from anonrisk.anonymize.classical import BlurAnonymizer, IdentityAnonymizer, NoiseAnonymizer
 
     x, seeds = faces(), [1, 2, 3, 4]
-    ident = verbatim_copy_audit(zip(x, IdentityAnonymizer()(x, seeds)))
+    ident = verbatim_copy_audit(zip(x, IdentityAnonymizer(IdentityAnonymizer.Params())(x, seeds)))
     assert ident["image"]["mean"] == ident["face"]["mean"] == 1.0 and ident["pasted_faces"] == 1.0
-    noise = verbatim_copy_audit(zip(x, NoiseAnonymizer()(x, seeds)))
+    noise = verbatim_copy_audit(zip(x, NoiseAnonymizer(NoiseAnonymizer.Params())(x, seeds)))
     assert noise["image"]["max"] < 1e-3 and noise["pasted_faces"] == 0.0
     # with a tolerance of 2 levels per channel, independent noise matches about (5 / 256)^3 of the pixels
-    assert verbatim_copy_audit(zip(x, NoiseAnonymizer()(x, seeds)), tolerance=2)["image"]["mean"] < 1e-3
-    blurred = verbatim_copy_audit(zip(x, BlurAnonymizer(sigma=0.02)(x, seeds)), tolerance=8)
+    assert verbatim_copy_audit(zip(x, NoiseAnonymizer(NoiseAnonymizer.Params())(x, seeds)), tolerance=2)["image"]["mean"] < 1e-3
+    blurred = verbatim_copy_audit(zip(x, BlurAnonymizer(BlurAnonymizer.Params(sigma=0.02))(x, seeds)), tolerance=8)
     assert noise["face"]["mean"] < blurred["face"]["mean"] < 1.0
 
 

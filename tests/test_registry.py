@@ -67,3 +67,18 @@ def test_params_errors_name_every_bad_key():
     assert msg.startswith("things[0]: thing 't':\n")
     assert "params.size: Input should be greater than or equal to 1 (got 0)" in msg
     assert "params.colour: unknown key; valid keys here: size, mode" in msg
+
+
+def test_kinds_list_their_package_and_params_and_failed_plugins(plugin_packages):
+    """What `anonrisk ls kinds` prints: every kind with the distribution it comes from; a failed plugin with why."""
+    reg = Registry("anonymizer", group="anonrisk.test_kinds")
+
+    @reg.register("builtin")
+    class Builtin:
+        pass
+
+    kinds = {k.name: k for k in reg.kinds()}
+    assert sorted(kinds) == ["broken", "builtin", "good"]
+    assert kinds["good"].package == "good-kinds" and kinds["good"].params.model_fields["by"].default == 1
+    assert kinds["broken"].package == "broken-kinds" and kinds["broken"].entry is None
+    assert "no_such_module_here" in kinds["broken"].error

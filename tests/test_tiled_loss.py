@@ -204,7 +204,7 @@ def test_grad_cache_with_the_tiled_loss_equals_plain_backprop_with_the_untiled_l
     """GradCache (chunks of 2 pairs) + tiled loss (tiles of 3: ragged), on concatenated embeddings and on
     the chunks as row blocks, vs one full-batch backward + the untiled loss, on a LayerNorm ConvNeXt with a
     learnable temperature: parameter gradients within 1e-5 (fp32: GradCache caches fp32 embeddings)."""
-    from anonrisk.attack.engine import ContrastiveModel
+    from anonrisk.attack.engine_base import ContrastiveModel
     from anonrisk.attack.gradcache import full_batch_step, grad_cache_step
     from anonrisk.attack.model import Encoder
 

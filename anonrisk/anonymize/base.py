@@ -12,11 +12,16 @@ gets it as ``self.p``), registered with ``@ANONYMIZERS.register("name")`` (see d
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 
 from anonrisk.registry import Kind, Registry
+
+if TYPE_CHECKING:
+    from anonrisk.data.records import FaceRecord
 
 ANONYMIZERS: Registry[type["Anonymizer"]] = Registry("anonymizer", group="anonrisk.anonymizers")
 
@@ -26,6 +31,10 @@ class Anonymizer(Kind, abc.ABC):
     version: ClassVar[int] = 1
     #: the devices it wants: "cpu" or "gpu" (a Ray runner gives "gpu" anonymizers one GPU per actor)
     device_kind: ClassVar[str] = "cpu"
+    #: True: called once per shard, with every record of the shard that has no output yet and
+    #: ``shard=ShardInfo(...)`` (their ids and paths, the shard's number, the stage's log folder): kinds that
+    #: need to know the records (an external program, outputs made elsewhere)
+    per_shard: ClassVar[bool] = False
 
     def setup(self, device: str = "cpu") -> None:
         """Load models onto ``device``; called once per worker before the first batch."""
@@ -37,6 +46,11 @@ class Anonymizer(Kind, abc.ABC):
     def __call__(self, images: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
         """Anonymize ``images`` (N,H,W,3 uint8); returns the same shape and dtype."""
 
+    def unusable(self, records: Sequence["FaceRecord"]) -> Mapping[str, str]:
+        """Records this anonymizer cannot give an output for (record id -> why), checked when the stage
+        starts: the stage fails naming them, or quarantines them (``data.on_bad_image``)."""
+        return {}
+
     def runtime(self) -> dict[str, Any]:
         """How this worker actually ran it after ``setup`` (device, dtype, attention backend): recorded in
         the stage's shard markers and DONE, and in the results' ``environment`` block; never fingerprinted.
@@ -46,6 +60,18 @@ class Anonymizer(Kind, abc.ABC):
     def describe(self) -> dict[str, Any]:
         """What identifies this anonymizer's output (goes into the stage fingerprint)."""
         return {"class": type(self).__name__, "version": self.version, "params": self.p.model_dump()}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a ``per_shard`` anonymizer is told about its call: the records (in the order of the images)."""
+
+    records: Sequence["FaceRecord"]
+    index: Optional[int] = None  # the shard's number (None outside a runner)
+    log_dir: Optional[Path] = None  # the stage's log folder
+
+    def label(self) -> str:
+        return f"shard {self.index}" if self.index is not None else "a batch"
 
 
 def check_batch(images: np.ndarray, seeds: Sequence[int]) -> None:

@@ -32,7 +32,7 @@ from anonrisk.anonymize.base import ANONYMIZERS, Anonymizer, check_batch
 from anonrisk.anonymize.conditioning import ConditionMaps
 from anonrisk.anonymize.conditions import Condition, check_annotator, parse_condition
 from anonrisk.anonymize.diffusion_components import Models, check_location, load_controlnet, load_models, random_arch, unet_in_channels
-from anonrisk.anonymize.diffusion_params import OPERATIONAL, DiffusionParams
+from anonrisk.anonymize.diffusion_params import OPERATIONAL, DiffusionParams, check_packages
 from anonrisk.anonymize.masks import load_cascade, make_masks, validate_mask
 from anonrisk.anonymize.sampler import Sampler, record_choices, work_size
 from anonrisk.errors import ConfigError
@@ -119,6 +119,7 @@ class DiffusionAnonymizer(Anonymizer):
             validate_mask(p.mask)
         if p.mode != "txt2img" and int(p.steps * p.strength) < 1:
             raise ConfigError(f"params.strength: {p.strength} x {p.steps} steps leaves no denoising step")
+        check_packages(p)
         self._validate_extra()
         self._validated = True
 

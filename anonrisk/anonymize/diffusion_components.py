@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from anonrisk.anonymize.schedulers import SCHEDULERS  # noqa: F401  (re-exported: the names live in schedulers.py)
 from anonrisk.errors import ConfigError
 
 log = logging.getLogger("anonrisk.diffusion")
@@ -123,15 +124,6 @@ class Models:
         return [self.unet, self.vae, self.text_encoder, *self.controlnets, *self.extra.values()]
 
 
-SCHEDULERS = {
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-}
-
-
 def torch_dtype(name: str, dev):
     import torch
 
@@ -158,6 +150,7 @@ def load_models(p, controlnet_specs: Sequence[str], dev, load_extra: Callable[[A
         from transformers import CLIPTextModel, CLIPTokenizer
 
         kw = _local_kwargs(p.model, p.allow_download)
+        log.info("loading %s (UNet, text encoder, VAE; can take a minute from a network disk)", kw["pretrained_model_name_or_path"])
         unet = UNet2DConditionModel.from_pretrained(**kw, subfolder="unet", torch_dtype=dtype)
         te = CLIPTextModel.from_pretrained(kw["pretrained_model_name_or_path"], subfolder="text_encoder", dtype=dtype,
                                            local_files_only=kw["local_files_only"])
@@ -218,7 +211,8 @@ def optimize(m: Models, p) -> None:
     if cl:
         for net in nets + [m.vae]:
             net.to(memory_format=torch.channels_last)
-    if p.compile:
+    if p.compile:  # compiles lazily: the first batch is slow and silent, later ones fast
+        log.info("torch.compile (%s): the first batch compiles the UNet and VAE decoder, typically minutes", p.compile_mode)
         m.unet = torch.compile(m.unet, mode=p.compile_mode, fullgraph=False)
         m.controlnets = [torch.compile(c, mode=p.compile_mode, fullgraph=False) for c in m.controlnets]
         m.extra = {k: torch.compile(v, mode=p.compile_mode, fullgraph=False) for k, v in m.extra.items()}

@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from anonrisk.anonymize.schedulers import SCHEDULER_NAMES
 from anonrisk.config.validation import Strict
 
 
@@ -42,13 +43,16 @@ class DiffusionParams(Strict):
     annotator_weights: dict[str, str] = {}  # annotator -> local weights path, or "random"
     random_seed: int = 0  # seeds random:<arch> weights and random annotators
     vae: Optional[str] = None  # a separate VAE (local dir or hub id)
-    scheduler: Literal["unipc", "ddim", "dpmpp", "euler", "pndm"] = "unipc"
+    scheduler: Literal[SCHEDULER_NAMES] = "unipc"  # usual names: unipc, ddim, euler_a, dpmpp_2m_karras, dpmpp_sde_karras, ...
     steps: int = Field(30, ge=1, le=1000)
     strength: float = Field(1.0, gt=0.0, le=1.0)  # img2img / inpaint: how much noise the original gets
     guidance_scale: Union[float, list[float]] = 7.5  # a list: one value drawn per record
     prompt: str = "a photo of a person"  # {field}s are drawn per record from prompt_lists[field]
     prompt_lists: dict[str, list[str]] = Field({}, validate_default=True)
     negative_prompt: str = ""
+    # "compel": Compel's weighting syntax in prompt and negative prompt ("(person)++" = weight 1.1^2 on
+    # "person", as in the recipes that used it); "none": the text goes to the tokenizer as written
+    prompt_weighting: Literal["none", "compel"] = "none"
     resolution: int = Field(512, ge=16, le=4096)  # working resolution: the longest side (multiple of 8)
     mask: MaskSpec = MaskSpec()
     paste_back: bool = True  # inpaint: keep the original pixels outside the mask
@@ -84,3 +88,18 @@ class DiffusionParams(Strict):
 
 #: params that change how fast, not what: kept out of ``describe()`` (and so out of fingerprints)
 OPERATIONAL = ("condition_cache_dir", "condition_cache_mb", "allow_download")
+
+
+def check_packages(p: DiffusionParams) -> None:
+    """Unavailable (one line naming the key and the install) when an optional package the params need is missing."""
+    import importlib.util
+
+    from anonrisk.anonymize.schedulers import missing_package
+    from anonrisk.errors import Unavailable
+
+    pip = missing_package(p.scheduler)
+    if pip:
+        raise Unavailable(f"params.scheduler: {p.scheduler!r} needs the {pip} package (pip install {pip}, or "
+                          f"pip install 'anonrisk[diffusion]'); dpmpp_2m_sde_karras is a multistep SDE sampler without it")
+    if p.prompt_weighting == "compel" and importlib.util.find_spec("compel") is None:
+        raise Unavailable("params.prompt_weighting: 'compel' needs the compel package (pip install 'anonrisk[compel]')")

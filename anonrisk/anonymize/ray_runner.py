@@ -1,25 +1,25 @@
-"""The Ray runner of the anonymize stage: the shards of ``runner.py`` spread over a Ray cluster.
+"""The Ray runner of the anonymize stage: the shards of ``runner.py`` as a Ray Data pipeline.
 
-- The driver (this process) reads the records from the manifest, cuts the same shards as the local runner
-  and skips those with a marker. For each pending shard a CPU task decodes and resizes the images that have
-  no output yet (for GPU actors; CPU actors, which already fill the CPUs, decode themselves unless
-  ``anonymize.ray.decode: tasks``); an actor runs ``run_shard`` on them.
-- One actor per GPU (or per CPU slot) holds a loaded anonymizer (``setup`` once per actor life) and writes
-  each output PNG atomically, then the shard marker, exactly as the local runner does; per-record seeds make
-  the images identical. Actors also append one line per written output to ``log/writes-<node>-<pid>.jsonl``
-  (an audit trail: which process wrote what, and when).
-- Condition maps are not split off into CPU tasks: diffusion anonymizers compute them inside ``__call__``
-  from the working-resolution image that they make on their own device, so the actor computes them (with
-  the content-hash cache of ``conditioning.py``).
-- Faults: a crashed actor is restarted by Ray (``max_restarts``) and its queued shards rerun on it
-  (``max_task_retries``), skipping the outputs that already exist; an actor that stays dead is killed and
-  replaced (``max_replacements``) and the driver sends its shards again. A killed driver leaves finished
-  outputs and markers behind: a rerun redoes only what is missing.
+- The driver (this process) cuts the same shards as the local runner and skips those with a marker. Each
+  pending shard is one row (its records, and the ids that have no output yet), one block each.
+- ``decode_shard`` (a CPU operator of tasks) reads and resizes the images without output; ``ShardWorker`` (a
+  callable class on an autoscaling actor pool, ``ActorPoolStrategy(min_size, max_size)``, GPUs per actor)
+  holds a loaded anonymizer (``setup`` once per actor life) and runs ``run_shard`` on each row: the same
+  batches as the local runner, per-record seeds, each PNG written atomically, then the shard marker. So the
+  images are byte-identical to the local runner's and a rerun or retry skips every record with an output.
+  CPU actors, which already fill the CPUs, decode themselves unless ``anonymize.ray.decode: tasks``.
+- Actors also append one line per written output to ``log/writes-<node>-<pid>.jsonl`` (an audit trail:
+  which process wrote what, and when). The actor's result row is its shard marker; the driver only counts.
+- Autoscaling: actors that do not fit the cluster are pending demand, which the autoscaler serves by
+  starting nodes (GPU workers may start from zero); Ray Data grows the pool while shards wait.
+- Faults: Ray restarts a dead actor (its node lost, OOM, SIGKILL) and reruns its shard; a lost decoded block
+  is recomputed from its task. Writes are idempotent (outputs that exist are skipped), so nothing is lost or
+  written twice. A killed driver leaves finished outputs and markers: a rerun redoes only what is missing.
 - Outputs are written by the actors, so ``runs_dir`` (and the dataset) must be on storage that every node
   sees (one machine, NFS, a mounted bucket); an actor that cannot see the stage directory says so.
 
-Connecting and sizing the pool: ``ray_connect.py``. Ray is imported inside functions only: the local runner
-and the CLI work without it.
+Connecting, sizing the pool and the actors' device: ``ray_connect.py``. Ray is imported inside functions
+only: the local runner and the CLI work without it.
 """
 
 from __future__ import annotations
@@ -29,74 +29,66 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
-from anonrisk.anonymize.base import Anonymizer
-from anonrisk.anonymize.ray_connect import connect, plan_workers
+import numpy as np
+
+from anonrisk.anonymize.ray_connect import PoolPlan, actor_device, connect, plan_pool
 from anonrisk.anonymize.runner import AnonymizeJob, finish_stage, output_path, run_shard, shard_marker, start_stage
-from anonrisk.config.schema import Spec
+from anonrisk.config.schema import RayConfig, Spec
 from anonrisk.data.records import FaceRecord
-from anonrisk.errors import ConfigError
+from anonrisk.errors import AnonriskError, ConfigError
 from anonrisk.stages import StageDir, write_json
 
 log = logging.getLogger("anonrisk.ray")
 
 
-# ---- the two kinds of remote work ----------------------------------------------------------------------
+# ---- the two operators ---------------------------------------------------------------------------------
 
 
-def decode_shard(paths: list[str], image_size: int) -> tuple[Any, float]:
-    """CPU task: read and resize the images of one shard that have no output yet."""
+def decode_shard(batch: dict, image_size: int) -> dict:
+    """CPU operator: read and resize the images of one shard's row that have no output yet."""
     from anonrisk.data.io import load_batch
 
     t0 = time.perf_counter()
-    images = load_batch(paths, image_size)
-    return images, time.perf_counter() - t0
+    paths = json.loads(batch["paths"][0])
+    images = load_batch(paths, image_size) if paths else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return {**{k: batch[k] for k in ("shard", "records", "todo")}, "images": images[None], "decode_seconds": np.array([time.perf_counter() - t0])}
 
 
 class ShardWorker:
-    """Actor: one loaded anonymizer; runs shards and writes their outputs and markers."""
+    """A pool actor: one loaded anonymizer; runs shards and writes their outputs and markers."""
 
     def __init__(self, spec: dict, out_dir: str, image_size: int, batch_size: int, seed: int, device: str, write_threads: int = 0):
-        self.spec, self.out_dir, self.write_threads = spec, Path(out_dir), write_threads
-        self.image_size, self.batch_size, self.seed, self.device = image_size, batch_size, seed, device
-        self.anonymizer: Optional[Anonymizer] = None
-        self.setup_seconds = 0.0
-        self.log_file = None
-        self.log_lock = threading.Lock()
-
-    def _ensure_setup(self) -> None:
-        """Load the anonymizer once per actor life (again after a restart)."""
-        if self.anonymizer is not None:
-            return
         import ray
 
+        self.out_dir, self.write_threads = Path(out_dir), write_threads
+        self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
         t0 = time.perf_counter()
-        self.node = ray.get_runtime_context().get_node_id()
+        ctx = ray.get_runtime_context()
+        self.node = ctx.get_node_id()
         if not (self.out_dir / "config.json").exists():
             raise ConfigError(
                 f"runs_dir: the stage directory {self.out_dir} is not visible on Ray node {self.node[:12]}; put runs_dir "
                 f"(and the dataset) on storage that every node sees"
             )
         from anonrisk.anonymize import build_anonymizer
-        from anonrisk.devices import resolve_device
 
-        gpu = bool(ray.get_runtime_context().get_accelerator_ids().get("GPU"))
-        device = "cuda" if gpu else ("cpu" if self.device == "auto" else self.device)
-        self.device = device if device == "cpu" else resolve_device(device)  # (resolve_device imports torch)
-        anonymizer = build_anonymizer(Spec(**self.spec))
-        anonymizer.setup(self.device)
-        self.anonymizer = anonymizer
+        self.anonymizer = build_anonymizer(Spec(**spec))
+
+        def cuda() -> bool:
+            import torch
+
+            return torch.cuda.is_available()
+
+        self.gpu_ids = list(ctx.get_accelerator_ids().get("GPU", []))
+        self.device = actor_device(device, self.anonymizer.device_kind, self.gpu_ids, cuda, self.node)
+        self.anonymizer.setup(self.device)
         self.setup_seconds = time.perf_counter() - t0
-
-    def start(self) -> dict:
-        self._ensure_setup()
-        return self.info()
-
-    def info(self) -> dict:
-        return {"pid": os.getpid(), "node": getattr(self, "node", None), "device": self.device, "setup_seconds": self.setup_seconds}
+        self.ready_at = time.time()  # wall clock: the driver compares it with its own start
+        self.log_file = None
+        self.log_lock = threading.Lock()
 
     def _logged(self, shard: int):
         if self.log_file is None:
@@ -111,163 +103,144 @@ class ShardWorker:
 
         return on_write
 
-    def run(self, k: int, records: list[dict], todo_ids: list[str], decoded: Optional[tuple]) -> dict:
-        """Run shard ``k``; ``decoded`` is a decode task's result, or None to decode here."""
-        self._ensure_setup()
-        images, decode_seconds = decoded if decoded is not None else ([], 0.0)
-        recs = [FaceRecord.from_json(r) for r in records]
-        t = run_shard(self.anonymizer, recs, self.out_dir, self.image_size, self.batch_size, self.seed,
-                      decoded=dict(zip(todo_ids, images)) if decoded is not None else None, on_write=self._logged(k),
-                      write_threads=self.write_threads)
-        marker = {"ids": [r.id for r in recs], **t, "decode_seconds": decode_seconds,
-                  "worker": {"pid": os.getpid(), "node": self.node, "device": self.device}}
+    def __call__(self, batch: dict) -> dict:
+        """One shard (a batch of one row); decoded images come with it, or are decoded here."""
+        k = int(batch["shard"][0])
+        records = [FaceRecord.from_json(r) for r in json.loads(batch["records"][0])]
+        decoded = None
+        if "images" in batch:
+            decoded = dict(zip(json.loads(batch["todo"][0]), batch["images"][0]))
+        cpu0 = time.thread_time()  # this thread's CPU (the writer threads' not included)
+        t = run_shard(self.anonymizer, records, self.out_dir, self.image_size, self.batch_size, self.seed, decoded=decoded,
+                      on_write=self._logged(k), write_threads=self.write_threads, shard=k)
+        marker = {"ids": [r.id for r in records], **t, "cpu_seconds": time.thread_time() - cpu0,
+                  "decode_seconds": float(batch["decode_seconds"][0]) if decoded is not None else 0.0,
+                  "worker": {"pid": os.getpid(), "node": self.node, "device": self.device, "gpu_ids": self.gpu_ids,
+                             "setup_seconds": self.setup_seconds, "ready_at": self.ready_at}}
         write_json(shard_marker(self.out_dir, k), marker)
-        return marker
+        return {"shard": np.array([k]), "marker": np.array([json.dumps(marker, default=str)])}
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
 
 
-def _cause(exc: BaseException) -> BaseException:
-    """The user's exception inside a Ray task error (so a DataError reaches the CLI as itself)."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
+def _user_error(exc: BaseException) -> Optional[AnonriskError]:
+    """Our own error (a bad image, a config problem) inside whatever Ray wrapped it in, if it is one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, AnonriskError):
+            return exc
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
+    return None
 
 
-class _Slot:
-    """One actor position; ``generation`` counts replacements so errors from a replaced actor are ignored."""
+def _configure(ctx, rc: RayConfig) -> None:
+    """This pipeline's Ray Data settings (the dataset's own DataContext: the process's stays as it was)."""
+    ctx.enable_progress_bars = False  # the runner's own bar counts records
+    ctx.print_on_execution_start = False
+    ctx.wait_for_min_actors_s = int(max(1, rc.wait_for_workers_s))
+    ctx.max_consecutive_actor_init_deaths = rc.max_replacements
+    ctx.raise_original_map_exception = True
 
-    def __init__(self, index: int, actor, generation: int = 0):
-        self.index, self.actor, self.generation = index, actor, generation
-        self.ready_ref = actor.start.remote()
-        self.ready = False
-        self.queued = 0
+
+def build_dataset(ray, job: AnonymizeJob, shards: list, pending: list[int], pool: PoolPlan, decode_in_tasks: bool):
+    stage, cfg, rc = job.stage, job.cfg, job.cfg.ray
+    rows = []
+    for k in pending:
+        todo = [r for r in shards[k] if not output_path(stage.path, r).exists()]
+        rows.append({"shard": k, "records": json.dumps([r.to_json() for r in shards[k]]), "todo": json.dumps([r.id for r in todo]),
+                     "paths": json.dumps([r.path for r in todo])})
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    _configure(ds.context, rc)
+    if decode_in_tasks:
+        ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=rc.num_cpus_per_decode, fn_kwargs={"image_size": job.image_size})
+    compute = ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size, initial_size=pool.initial_size,
+                                         max_tasks_in_flight_per_actor=rc.prefetch_shards)
+    kwargs = {"spec": job.spec.model_dump(), "out_dir": str(stage.path.resolve()), "image_size": job.image_size, "batch_size": cfg.batch_size,
+              "seed": cfg.seed, "device": cfg.device, "write_threads": cfg.write_threads}
+    return ds.map_batches(ShardWorker, batch_size=1, compute=compute, num_gpus=pool.gpus or None, num_cpus=pool.cpus,
+                          fn_constructor_kwargs=kwargs)
 
 
 def anonymize_ray(job: AnonymizeJob) -> StageDir:
     """Anonymize the job's records into its stage on a Ray cluster; same outputs and markers as ``anonymize_local``."""
     from tqdm import tqdm
 
-    spec, anonymizer, records, stage, image_size, cfg, progress = (job.spec, job.anonymizer, job.records, job.stage, job.image_size,
-                                                                   job.cfg, job.progress)
+    stage, cfg = job.stage, job.cfg
     if stage.is_done():
         return stage
     rc = cfg.ray
-    ray, where, started = connect(rc)
+    conn = connect(rc)
+    ray = conn.ray
     try:
-        n_workers, gpw = plan_workers(ray.cluster_resources(), rc, anonymizer, where)
-        # nothing is written before the cluster checks above have passed
-        shards, unfinished = start_stage(job)
-        pending = deque(unfinished)
-        todo = {k: [r for r in shards[k] if not output_path(stage.path, r).exists()] for k in pending}
-        n_workers = min(n_workers, max(1, len(pending)))
-        decode_in_tasks = rc.decode == "tasks" or (rc.decode == "auto" and gpw > 0)
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        first_ready = None
+        shards, pending = start_stage(job)
+        pool = plan_pool(ray.cluster_resources(), rc, job.anonymizer, len(pending))
+        decode_in_tasks = rc.decode == "tasks" or (rc.decode == "auto" and pool.gpus > 0)
+        t0, cpu0, wall0 = time.perf_counter(), time.process_time(), time.time()
         markers: dict[int, dict] = {}
-        infos: list[dict] = []
-        redispatched = 0
+        first_output = None
         if pending:
-            worker_cls = ray.remote(ShardWorker).options(
-                num_cpus=rc.num_cpus_per_worker, num_gpus=gpw, max_restarts=rc.max_restarts, max_task_retries=rc.max_task_retries
-            )
-            decode = ray.remote(decode_shard).options(num_cpus=rc.num_cpus_per_decode, max_retries=3)
-            args = (spec.model_dump(), str(stage.path.resolve()), image_size, cfg.batch_size, cfg.seed, cfg.device, cfg.write_threads)
-
-            def new_slot(i: int, generation: int = 0) -> _Slot:
-                return _Slot(i, worker_cls.remote(*args), generation)
-
-            slots = [new_slot(i) for i in range(n_workers)]
-            inflight: dict[Any, tuple[int, int, int]] = {}  # result ref -> (slot, generation, shard)
-            replacements = 0
-            warned = 0
-
-            def replace(i: int, exc: BaseException) -> int:
-                """Ray's restarts and retries of slot i's actor are used up: kill what is left of it, start a
-                fresh one, and queue its shards again; returns how many shards were queued again."""
-                nonlocal replacements
-                s = slots[i]
-                if replacements >= rc.max_replacements:
-                    raise RuntimeError(f"anonymize {spec.name}: Ray actors keep dying ({replacements} replaced; "
-                                       f"anonymize.ray.max_replacements={rc.max_replacements}): {exc}") from None
-                replacements += 1
-                log.warning("anonymize %s: actor %d died (%s); replacing it and sending its shards again",
-                            spec.name, i, str(exc).splitlines()[0])
-                ray.kill(s.actor, no_restart=True)
-                again = [(ref, k) for ref, (j, g, k) in inflight.items() if j == i and g == s.generation]
-                for ref, k in again:
-                    del inflight[ref]
-                    pending.appendleft(k)
-                slots[i] = new_slot(i, s.generation + 1)
-                return len(again)
-            log.info("anonymize %s: %d shards on %d Ray actor(s) (GPU %g each) on %s", spec.name, len(pending), n_workers, gpw, where)
-            bar = tqdm(total=sum(len(v) for v in todo.values()), desc=f"anonymize {spec.name} (ray)", disable=None if progress else True, leave=False)
-            try:
-                while pending or inflight:
-                    for s in slots:
-                        while s.ready and pending and s.queued < rc.prefetch_shards:
-                            k = pending.popleft()
-                            images = decode.remote([r.path for r in todo[k]], image_size) if decode_in_tasks else None
-                            ref = s.actor.run.remote(k, [r.to_json() for r in shards[k]], [r.id for r in todo[k]], images)
-                            inflight[ref] = (s.index, s.generation, k)
-                            s.queued += 1
-                    waiting = list(inflight) + [s.ready_ref for s in slots if not s.ready]
-                    # short waits: Ctrl-C (KeyboardInterrupt) is only seen between them
-                    done, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
-                    if not done:
-                        if not any(s.ready for s in slots) and time.perf_counter() - t0 > warned + 60:
-                            warned += 60
-                            log.warning("anonymize %s: no actor has started after %d s; waiting for cluster resources "
-                                        "(each actor needs CPU=%g, GPU=%g)", spec.name, warned, rc.num_cpus_per_worker, gpw)
-                        continue
-                    ref = done[0]
-                    starting = next((s for s in slots if not s.ready and s.ready_ref == ref), None)
-                    if starting is not None:
-                        try:
-                            infos.append(ray.get(ref))
-                        except ray.exceptions.RayTaskError as exc:  # setup failed: a config or data problem
-                            raise _cause(exc) from None
-                        except ray.exceptions.RayActorError as exc:  # the process died while loading
-                            redispatched += replace(starting.index, exc)
+            log.info("anonymize %s: %d shards on %s, on %s", job.spec.name, len(pending), pool.describe(), conn.where)
+            ds = build_dataset(ray, job, shards, pending, pool, decode_in_tasks)
+            total = sum(len(shards[k]) for k in pending)
+            with tqdm(total=total, desc=f"anonymize {job.spec.name} (ray)", disable=None if job.progress else True, leave=False) as bar:
+                try:
+                    for row in ds.iter_rows():
+                        k = int(row["shard"])
+                        if k in markers:  # a shard rerun after a fault reports twice
                             continue
-                        starting.ready = True
-                        first_ready = first_ready or time.perf_counter() - t0
-                        continue
-                    i, generation, k = inflight.pop(ref)
-                    try:
-                        marker = ray.get(ref)
-                    except ray.exceptions.RayActorError as exc:
-                        pending.appendleft(k)
-                        redispatched += 1 + replace(i, exc)
-                        continue
-                    except ray.exceptions.RayTaskError as exc:
-                        raise _cause(exc) from None
-                    slots[i].queued -= 1
-                    markers[k] = marker
-                    bar.update(marker["computed"])
-            finally:
-                bar.close()
-                for s in slots:
-                    ray.kill(s.actor, no_restart=True)
-        seconds = time.perf_counter() - t0
-        computed = sum(m["computed"] for m in markers.values())
-        shard_seconds = [m["seconds"] for m in markers.values()]
-        summary = {
-            "records": len(records), "computed": computed, "shards": len(shards), "shards_run": len(markers),
-            "seconds": seconds, "runner": "ray", "workers": n_workers, "num_gpus_per_worker": gpw,
-            "setup_seconds": max((x["setup_seconds"] for x in infos), default=0.0),
-            "first_ready_seconds": first_ready or 0.0,  # actor start + model setup before the first shard
-            "driver_cpu_seconds": time.process_time() - cpu0,
-            "images_per_second": computed / seconds if seconds > 0 and computed else 0.0,
-            "shard_seconds": {"min": min(shard_seconds, default=0.0), "mean": sum(shard_seconds) / len(shard_seconds) if shard_seconds else 0.0,
-                              "max": max(shard_seconds, default=0.0)},
-            "decode": "tasks" if decode_in_tasks else "actor",
-            "decode_seconds": sum(m["decode_seconds"] for m in markers.values()),  # in decode tasks
-            "redispatched": redispatched,
-            "worker_pids": sorted({m["worker"]["pid"] for m in markers.values()}),
-        }
-        finish_stage(stage, records, summary)
+                        markers[k] = json.loads(row["marker"])
+                        first_output = first_output or time.perf_counter() - t0
+                        bar.update(markers[k]["records"])
+                except ray.exceptions.GetTimeoutError:
+                    raise ConfigError(
+                        f"anonymize {job.spec.name}: no Ray actor started within anonymize.ray.wait_for_workers_s={rc.wait_for_workers_s:g} s; "
+                        f"each needs CPU={pool.cpus:g}, GPU={pool.gpus:g} (anonymize.ray.num_cpus_per_worker, num_gpus_per_worker) and "
+                        f"{conn.where} has {_resources(ray)}; give it nodes that fit (an autoscaler may still be starting them: raise "
+                        f"wait_for_workers_s), or ask for less"
+                    ) from None
+                except Exception as exc:
+                    mine = _user_error(exc)
+                    if mine is not None:
+                        raise mine from None
+                    raise
+        summary = _summary(job, shards, markers, pool, decode_in_tasks, conn, time.perf_counter() - t0, time.process_time() - cpu0, first_output,
+                           wall0)
+        finish_stage(stage, job.records, summary)
         return stage
     finally:
-        if started:
+        if conn.started:
             ray.shutdown()
+
+
+def _resources(ray) -> str:
+    r = ray.cluster_resources()
+    return f"CPU={r.get('CPU', 0):g}, GPU={r.get('GPU', 0):g}"
+
+
+def _summary(job, shards, markers, pool: PoolPlan, decode_in_tasks, conn, seconds, driver_cpu, first_output, wall0) -> dict[str, Any]:
+    computed = sum(m["computed"] for m in markers.values())
+    shard_seconds = [m["seconds"] for m in markers.values()]
+    workers = {(m["worker"]["node"], m["worker"]["pid"]): m["worker"] for m in markers.values()}
+    return {
+        "records": len(job.records), "computed": computed, "shards": len(shards), "shards_run": len(markers),
+        "seconds": seconds, "runner": "ray", "connected": conn.where,
+        "pool": {"min": pool.min_size, "max": pool.max_size, "initial": pool.initial_size, "num_gpus_per_worker": pool.gpus,
+                 "num_cpus_per_worker": pool.cpus},
+        "workers": len(workers), "num_gpus_per_worker": pool.gpus,
+        "nodes": len({node for node, _ in workers}),
+        "setup_seconds": max((w["setup_seconds"] for w in workers.values()), default=0.0),
+        "first_output_seconds": first_output or 0.0,  # pool start, model setup and the first shard
+        # the first actor ready to work (process start and model setup): what one stage pays once
+        "first_ready_seconds": max(0.0, min((w.get("ready_at", wall0) for w in workers.values()), default=wall0) - wall0),
+        "driver_cpu_seconds": driver_cpu,
+        "images_per_second": computed / seconds if seconds > 0 and computed else 0.0,
+        "shard_seconds": {"min": min(shard_seconds, default=0.0), "mean": sum(shard_seconds) / len(shard_seconds) if shard_seconds else 0.0,
+                          "max": max(shard_seconds, default=0.0)},
+        "decode": "tasks" if decode_in_tasks else "actor",
+        "decode_seconds": sum(m["decode_seconds"] for m in markers.values()),  # in decode tasks
+        "shard_cpu_seconds": sum(m.get("cpu_seconds", 0.0) for m in markers.values()),  # the actors' CPU inside run_shard
+        "worker_pids": sorted({pid for _, pid in workers}),
+    }

@@ -14,7 +14,8 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 
-from anonrisk.anonymize.diffusion_components import SCHEDULERS, Models
+from anonrisk.anonymize.diffusion_components import Models
+from anonrisk.anonymize.schedulers import make_scheduler, per_record_noise
 
 
 def record_choices(p, seed: int) -> tuple[str, float]:
@@ -71,27 +72,35 @@ class Sampler:
     def __init__(self, m: Models, p, conditions: Sequence, maps: Callable, masks: Callable[[np.ndarray], np.ndarray]):
         self.m, self.p, self.conditions, self.maps, self.masks = m, p, list(conditions), maps, masks
         self._embeds: dict[str, Any] = {}
+        self._compel = None
 
     def embed(self, prompts: Sequence[str]):
         """Text embeddings, one prompt at a time (cached), so a record's embedding never depends on its batch."""
         import torch
 
-        m = self.m
         for text in dict.fromkeys(prompts):
             if text not in self._embeds:
-                ids = m.tokenizer([text], padding="max_length", max_length=m.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids.to(m.device)
-                self._embeds[text] = m.text_encoder(ids)[0][0]
+                self._embeds[text] = self._encode(text)
                 if len(self._embeds) > 4096:
                     self._embeds.pop(next(iter(self._embeds)))
         return torch.stack([self._embeds[t] for t in prompts])
 
-    def scheduler(self):
-        import diffusers
+    def _encode(self, text: str):
+        """(tokens, dim) embedding of one prompt: CLIP's last hidden state, padded to the model's length;
+        with ``prompt_weighting: compel`` Compel parses the weights and scales those tokens' embeddings."""
+        m = self.m
+        if self.p.prompt_weighting == "compel":
+            if self._compel is None:
+                from compel import Compel
 
-        name, extra = SCHEDULERS[self.p.scheduler]
-        cfg = {k: v for k, v in self.m.scheduler_config.items() if not k.startswith("_")}
-        return getattr(diffusers, name).from_config({**cfg, **extra})
+                self._compel = Compel(tokenizer=m.tokenizer, text_encoder=m.text_encoder, truncate_long_prompts=True)
+            return self._compel(text)[0]
+        ids = m.tokenizer([text], padding="max_length", max_length=m.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids.to(m.device)
+        return m.text_encoder(ids)[0][0]
+
+    def scheduler(self):
+        return make_scheduler(self.p.scheduler, self.m.scheduler_config)
 
     def encode(self, x):
         """VAE latents of images in [-1, 1]: the posterior mean (no sampling noise), scaled."""
@@ -160,10 +169,11 @@ class Sampler:
             latents = noise * sched.init_noise_sigma
 
         total = len(timesteps)
+        step_kw = per_record_noise(sched, noise_seeds)  # stochastic samplers: each record's own step noise
         for i, t in enumerate(timesteps):
             x = sched.scale_model_input(latents, t)
             eps = self.predict(st, x, t, i, total)
-            latents = sched.step(eps, t, latents, return_dict=False)[0]
+            latents = sched.step(eps, t, latents, return_dict=False, **step_kw)[0]
             if p.mode == "inpaint" and m.unet_in == 4:
                 proper = st.img_lat if i == total - 1 else sched.add_noise(st.img_lat, noise, timesteps[i + 1: i + 2].repeat(n))
                 latents = (1 - st.mask_lat) * proper + st.mask_lat * latents

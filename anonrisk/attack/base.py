@@ -38,6 +38,7 @@ class AttackContext:
     train_config: Optional[TrainConfig] = None  # its resolved training settings (planned)
     caches: Mapping[str, StageDir] = field(default_factory=dict)  # its other planned directories
     load_anonymized: Optional[Callable[[], Sequence["FaceRecord"]]] = None  # runs the target's anonymize stage if needed
+    on_step: Optional[Callable[[int, float, float], None]] = None  # (step, loss, lr) from training, rank 0 (MLflow)
 
     def anonymized(self) -> list["FaceRecord"]:
         """The target's anonymized manifest (every split), anonymizing first when the stage is not done."""

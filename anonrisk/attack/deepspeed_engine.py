@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 from typing import Optional
 
@@ -35,6 +36,8 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         params = [p for p in model.parameters() if p.requires_grad]
+        logging.getLogger("anonrisk").info("DeepSpeed: initializing (the first use on a machine builds its C++/CUDA ops: "
+                                           "about 2 minutes without output; later runs load them from the cache)")
         # LARS/LAMB: our own optimizer instance (the plan allows it at ZeRO 0 in fp32 only, where DeepSpeed
         # steps it on the real tensors); otherwise DeepSpeed builds the config's torch AdamW/SGD
         client = layerwise_optimizer(cfg, model) if cfg.optimizer in LAYERWISE else None

@@ -30,7 +30,12 @@ class TorchEngine(Engine):
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = DDP(self.module, device_ids=ids, broadcast_buffers=not cfg.freeze_bn)
+            import inspect
+
+            # buffers (BatchNorm statistics) synced in every forward unless frozen; torch >= 2.14 names it
+            # forward_sync_buffers and warns once per rank on broadcast_buffers
+            sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters else "broadcast_buffers"
+            self.wrapped = DDP(self.module, device_ids=ids, **{sync: not cfg.freeze_bn})
         params = [p for p in self.module.parameters() if p.requires_grad]
         if cfg.optimizer in LAYERWISE:
             self.opt = layerwise_optimizer(cfg, self.module)

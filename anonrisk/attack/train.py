@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,10 @@ TRAIN_VERSION = 2  # 2: one forward over [anonymized; originals], engines, per-(
 
 
 class Preempted(AnonriskError):
-    """Training stopped on a signal after writing a checkpoint; rerun to resume."""
+    """Training stopped on a signal after writing a checkpoint; rerun to resume. ``anonrisk`` exits with
+    ``exit_code`` (EX_TEMPFAIL: try again), one line and no traceback."""
+
+    exit_code = 75
 
 
 def lr_schedule(cfg: TrainConfig) -> LrSchedule:
@@ -106,9 +109,11 @@ def train_attack(
     stage: StageDir,
     device: str = "cpu",
     progress: bool = True,
+    on_step: Optional[Callable[[int, float, float], None]] = None,
 ) -> Path:
     """Train (or resume, or reuse) the encoder; returns the path of its weights. Under a multi-process
-    launch every rank calls this; rank 0 writes the log, the weights and DONE."""
+    launch every rank calls this; rank 0 writes the log, the weights and DONE, and calls ``on_step(step,
+    loss, lr)`` after each step (it must be cheap: MLflow's live curve only buffers there)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -164,6 +169,8 @@ def train_attack(
             engine.step(lr)
             log.write(json.dumps({"step": step, "loss": round(loss, 6), "lr": lr}) + "\n")
             log.flush()
+            if main and on_step is not None:
+                on_step(step, round(loss, 6), lr)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             done = step + 1
@@ -171,7 +178,7 @@ def train_attack(
             if done % cfg.checkpoint_every == 0 or stopping:
                 engine.save(ckpt_dir, done)
             if stopping and done < cfg.steps:
-                raise Preempted(f"training stopped by signal at step {done}; checkpoint saved in {ckpt_dir}")
+                raise Preempted(f"training stopped by signal at step {done}; checkpoint saved in {ckpt_dir}; rerun to resume")
 
     state = engine.export()  # a collective under ZeRO-3: every rank calls it
     temperature = engine.temperature()

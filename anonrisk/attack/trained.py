@@ -63,7 +63,7 @@ class TrainedAttack(Attack):
         self.validate(ctx)
         anonymized, originals = self.pairs(ctx)
         cfg = self.config(ctx)
-        train_attack(cfg, anonymized, originals, ctx.image_size, ctx.train_stage, resolve_device(cfg.device), ctx.progress)
+        train_attack(cfg, anonymized, originals, ctx.image_size, ctx.train_stage, resolve_device(cfg.device), ctx.progress, ctx.on_step)
 
     def similarity(self, ctx, probes, gallery):
         """The cosine of the encoder's embeddings, handed to the scorer as embeddings: it computes one block

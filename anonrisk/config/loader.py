@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from anonrisk.config.job_paths import check_job_paths
 from anonrisk.config.migrate import migrate
 from anonrisk.config.schema import RunConfig, Spec
 from anonrisk.config.validation import repeated, validate_model
@@ -119,4 +120,5 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
     if dupes:
         raise ConfigError(f"anonymizers: names must be unique, repeated: {', '.join(dupes)}")
     cfg.anonymizers = specs
+    check_job_paths({"runs_dir": cfg.runs_dir, "results_dir": cfg.results_dir})
     return cfg

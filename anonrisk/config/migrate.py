@@ -3,6 +3,7 @@
 
 - ``attack:`` (the trainer's settings) is ``train:``, beside ``attacks:`` (the threat models);
 - ``seed:`` at the top and ``train.extra`` were read nowhere: dropped.
+- ``anonymize.ray.max_restarts`` and ``max_task_retries``: Ray Data's actor pool restarts and retries by itself.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ RENAMED = {"attack": "train"}
 DROPPED = {
     "seed": "it was read nowhere; the seeds are data.split.seed, anonymize.seed, train.seed and evaluate.seed",
     "train.extra": "it was read nowhere",
+    "anonymize.ray.max_restarts": "Ray Data restarts a dead actor and reruns its shards by itself",
+    "anonymize.ray.max_task_retries": "Ray Data restarts a dead actor and reruns its shards by itself",
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -49,22 +49,24 @@ class Spec(Strict):
 
 
 class RayConfig(Strict):
-    """The Ray runner (``anonymize.runner: ray``); see docs/ray.md."""
+    """The Ray runner (``anonymize.runner: ray``, on Ray Data); see docs/ray.md."""
 
-    # None: start Ray inside this process; "auto": the cluster this node belongs to (or RAY_ADDRESS, which
-    # `ray job submit` sets); "host:port": a GCS address; "ray://host:10001": Ray Client
+    # None: the cluster RAY_ADDRESS names (`ray job submit` sets it), else start Ray inside this process;
+    # "auto": RAY_ADDRESS or the cluster this node belongs to; "host:port": a GCS address; "ray://host:10001": Ray Client
     address: Optional[str] = None
-    num_workers: Optional[int] = Field(None, ge=1)  # actors; None: as many as the cluster's GPUs/CPUs fit
-    num_gpus_per_worker: Optional[float] = Field(None, ge=0)  # None: 1 for a GPU anonymizer on a GPU cluster, else 0
+    num_workers: Optional[int] = Field(None, ge=1)  # a fixed pool of actors (sets min_workers = max_workers)
+    min_workers: int = Field(1, ge=1)  # the autoscaling pool's smallest size
+    # its largest: GPU actors default to one per pending shard (an autoscaler adds the nodes), CPU actors to the CPUs now
+    max_workers: Optional[int] = Field(None, ge=1)
+    num_gpus_per_worker: Optional[float] = Field(None, ge=0)  # None: 1 for a GPU anonymizer on a cluster with GPUs now, else 0
     num_cpus_per_worker: float = Field(1.0, ge=0)
-    # where images are decoded and resized: CPU tasks feeding the actors, or the actor itself; auto: tasks
-    # for GPU actors, the actor for CPU actors (which already fill the CPUs: tasks would only add overhead)
+    # where images are decoded and resized: a CPU operator feeding the actors, or the actor itself; auto: the
+    # operator for GPU actors, the actor for CPU actors (which already fill the CPUs: tasks would only add overhead)
     decode: Literal["auto", "tasks", "actor"] = "auto"
     num_cpus_per_decode: float = Field(0.0, ge=0)  # decode tasks; 0 lets them run beside CPU actors
-    prefetch_shards: int = Field(2, ge=1)  # shards queued per actor, decoded while the previous one runs
-    max_restarts: int = Field(3, ge=0)  # restarts of a crashed actor (its model is loaded again)
-    max_task_retries: int = Field(3, ge=0)  # reruns of a shard on a restarted actor
-    max_replacements: int = Field(3, ge=0)  # fresh actors for dead ones (the driver re-dispatches their shards)
+    prefetch_shards: int = Field(2, ge=1)  # shards queued per actor (Ray Data's max_tasks_in_flight_per_actor)
+    max_replacements: int = Field(3, ge=0)  # actors dying while they start (node lost during model load) replaced in a row
+    wait_for_workers_s: float = Field(600.0, gt=0)  # for the first actors (an autoscaler starting nodes), then an error
     connect_timeout_s: float = Field(10.0, gt=0)
     # only when this process starts Ray (address: None)
     num_cpus: Optional[int] = Field(None, ge=1)
@@ -132,6 +134,17 @@ class UtilityConfig(Strict):
     kid_subset_size: int = Field(100, ge=2)
 
 
+class VerificationConfig(Strict):
+    """1:1 verification per attack: TAR at each FAR with 95 % intervals by identity, EER. Its bootstrap re-sorts
+    every pair per draw, so by default it subsamples impostors and draws fewer times than the protocols."""
+
+    enabled: bool = True
+    fars: list[Annotated[float, Field(gt=0, lt=1)]] = [1e-2, 1e-3]
+    impostors_per_probe: Optional[int] = Field(20, ge=1)  # null: every impostor pair (slow at scale)
+    bootstrap: int = Field(100, ge=0)
+    all_modes: bool = False  # false: the first configured mode only (exclude-source; linkage without labels)
+
+
 class EvaluateConfig(Strict):
     protocols: list[Literal["full-ref", "few-ref", "single-ref"]] = ["full-ref", "few-ref", "single-ref"]
     modes: list[Literal["exclude-source", "linkage"]] = ["exclude-source", "linkage"]
@@ -143,6 +156,9 @@ class EvaluateConfig(Strict):
     leakage: bool = True
     leakage_tolerance: int = Field(2, ge=0, le=20)
     utility: UtilityConfig = UtilityConfig()
+    privacy: bool = True  # effective anonymity sets per attack (entropy and rank sets of full-ref)
+    verification: VerificationConfig = VerificationConfig()
+    verbatim: bool = True  # the share of pixels copied unchanged from the original (quality stage)
 
     @field_validator("pool_size")
     @classmethod
@@ -156,7 +172,13 @@ class TrackingConfig(Strict):
     mlflow: bool = True
     tracking_uri: Optional[str] = None  # default: sqlite database under runs_dir
     experiment: str = "anonrisk"
-    log_images: bool = False  # anonymized samples only; original faces are never logged
+    # the samples grid of each anonymizer (results/<run>/plots/samples_<name>.png) into its MLflow child run:
+    # anonymized images only, never an original
+    log_images: bool = False
+    samples: int = Field(4, ge=0, le=32)  # test identities in each samples grid (0: no samples grid)
+    # originals beside the anonymized images in results/<run>/plots/; None: only for synthetic data, never
+    # by default for a real dataset
+    sample_originals: Optional[bool] = None
 
 
 class RunConfig(Strict):

@@ -43,6 +43,9 @@ class DatasetContext:
 class Dataset(Kind, abc.ABC):
     #: whether it reads ``data.root`` (its resolved path then enters the data fingerprint)
     needs_root: ClassVar[bool] = True
+    #: False: no identity labels (every image its own identity); only linkage protocols can run (the plan
+    #: restricts ``evaluate`` to full-ref/linkage and the report says so)
+    labeled: bool = True
 
     @abc.abstractmethod
     def items(self, ctx: DatasetContext) -> list[RawItem]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -16,17 +18,21 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
         with Image.open(path) as im:
             im = im.convert("RGB")
             if size is not None:
-                w, h = im.size
-                side = min(w, h)
-                left, top = (w - side) // 2, (h - side) // 2
-                im = im.crop((left, top, left + side, top + side))
-                if side != size:
-                    im = im.resize((size, size), Image.BICUBIC)
+                im = fit_square(im, size)
             return np.asarray(im, dtype=np.uint8).copy()
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"unreadable image {path}: {exc}") from None
+
+
+def fit_square(im: Image.Image, size: int) -> Image.Image:
+    """The centre square of ``im`` resized to ``size`` (how every image is read at the working size)."""
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    return im.resize((size, size), Image.BICUBIC) if side != size else im
 
 
 def load_batch(paths: list[str], size: int) -> np.ndarray:
@@ -49,3 +55,17 @@ def is_readable(path: str | os.PathLike) -> str | None:
         return "file not found"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return str(exc) or type(exc).__name__
+
+
+def image_tree(root: str | os.PathLike, exts) -> list[tuple[str, Path]]:
+    """Every file under ``root`` whose extension (any case) is in ``exts``, as (POSIX path relative to root,
+    path), sorted; hidden files and folders (``.cache``, ``.ipynb_checkpoints``) skipped, folder links not followed."""
+    root = Path(root)
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts:
+                path = Path(folder, f)
+                out.append((path.relative_to(root).as_posix(), path))
+    return sorted(out)

@@ -73,13 +73,14 @@ def prepare(cfg: DataConfig, dataset: Dataset, stage: StageDir, progress: bool =
     by_identity: dict[str, list[RawItem]] = defaultdict(list)
     for it in items:
         by_identity[it.identity].append(it)
-    kept = sorted(k for k, v in by_identity.items() if len(v) >= cfg.min_images_per_identity)
+    min_images = cfg.min_images_per_identity if dataset.labeled else 1  # unlabeled: every image its own identity
+    kept = sorted(k for k, v in by_identity.items() if len(v) >= min_images)
     if cfg.max_identities and len(kept) > cfg.max_identities:
         rng = np.random.default_rng(cfg.split.seed)
         kept = sorted(rng.choice(kept, cfg.max_identities, replace=False).tolist())
     if len(kept) < 3:
         raise DataError(
-            f"dataset {cfg.dataset!r}: only {len(kept)} identities have >= {cfg.min_images_per_identity} images; "
+            f"dataset {cfg.dataset!r}: only {len(kept)} identities have >= {min_images} images; "
             "need at least 3 (train and test identities)"
         )
 
@@ -100,5 +101,7 @@ def prepare(cfg: DataConfig, dataset: Dataset, stage: StageDir, progress: bool =
     ]
     write_manifest(stage / "manifest.jsonl", records)
     counts = {s: sum(r.split == s for r in records) for s in ("train", "test", "aux")}
-    stage.mark_done({"records": len(records), "identities": len(kept), "quarantined": len(bad), "split_records": counts})
+    extra = {} if dataset.labeled else {"labeled": False}
+    extra.update(getattr(dataset, "prepare_summary", lambda: {})())  # e.g. the photos without a face
+    stage.mark_done({"records": len(records), "identities": len(kept), "quarantined": len(bad), "split_records": counts, **extra})
     return records

@@ -47,22 +47,45 @@ def rows_from_json(path: str | Path) -> list[dict[str, Any]]:
 
 def rows_from_mlflow(tracking_uri: str, experiment: str, grid: Optional[str] = None) -> list[dict[str, Any]]:
     """Child runs of grids (tag ``anonrisk.cell``) in one experiment; ``grid`` selects one grid."""
-    import os
+    from anonrisk.tracking.mlflow_log import client as mlflow_client
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"compare: no MLflow experiment {experiment!r} at {tracking_uri}")
     query = "tags.`anonrisk.cell` != ''" + (f" and tags.`anonrisk.grid` = '{grid}'" if grid else "")
-    rows = []
+    rows, unfinished = [], []
     for run in client.search_runs([exp.experiment_id], query, max_results=50_000):
         tags, params = run.data.tags, run.data.params
+        if "anonrisk.superseded_by" in tags:  # describes numbers the grid no longer holds (issue 15.4)
+            continue
+        result = _mlflow_result(client, run)
+        if result is None:
+            unfinished.append(tags["anonrisk.cell"])
+            continue
         axes = {k[len("grid."):]: v for k, v in params.items() if k.startswith("grid.") and not k.startswith("grid.axes.")}
-        rows.append({"source": tags.get("anonrisk.grid", ""), "cell": tags["anonrisk.cell"], **axes, **run.data.metrics})
+        # the cell's own report card, as ``rows_from_json`` reads it: the two never disagree
+        rows.append({"source": tags.get("anonrisk.grid", ""), "cell": tags["anonrisk.cell"], **axes, **result_metrics(result)})
+    if unfinished:
+        import logging
+
+        logging.getLogger("anonrisk").warning("compare: %d MLflow cell run(s) hold no results yet, left out: %s",
+                                              len(unfinished), ", ".join(sorted(unfinished)))
     return rows
+
+
+def _mlflow_result(client, run) -> Optional[dict[str, Any]]:
+    """A child run's ``result.json`` (the report card it holds), None before its cell is evaluated."""
+    import json
+    import tempfile
+
+    if run.info.status != "FINISHED":
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            return json.loads(Path(client.download_artifacts(run.info.run_id, "result.json", d)).read_text())
+        except Exception:  # noqa: BLE001 - an old run (metrics only) or a missing artifact
+            return None
 
 
 def _axes(rows: Sequence[dict[str, Any]]) -> list[str]:

@@ -67,11 +67,15 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
     if stage == "train":
         from anonrisk.attack.dist import leave_process_group, world
 
+        from anonrisk.tracking.steps import train_metric_names
+
+        # one rank logs (16 ranks writing one run, or one sqlite file, race): live, to every cell it serves
+        names = train_metric_names(attack, len(target.trained()) > 1)
+        loggers = grid_mlflow.training_loggers(Path(grid_dir), cells, names) if world()[0] == 0 else []
+        pipe.on_train_step = grid_mlflow.on_step(loggers)
         path = pipe.train(target, attack).path  # every task of a multi-task job is one training rank
-        metric = "train.loss" if len(target.trained()) == 1 else f"train.{attack}.loss"
-        if world()[0] == 0:  # one rank logs: 16 ranks writing one run (or one sqlite file) race
-            for cid in cells:
-                grid_mlflow.log_training(Path(grid_dir), cid, path, metric)
+        for logger in loggers:  # the rest, and every step a reused or resumed training ran before
+            logger.close(path / "log.jsonl")
         leave_process_group()  # the job's processes exit next
         return {"stage": stage, "path": str(path)}
     if stage == "evaluate":

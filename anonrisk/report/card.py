@@ -71,6 +71,8 @@ def leaderboard(results: dict[str, Any], key: str = MAIN) -> list[dict[str, Any]
             "chance": w["metric"]["chance"] if w else None,
             "top1_by_attack": {a: r["protocols"][key]["top1"]["value"] for a, r in ran(card).items() if key in r["protocols"]},
             "skipped_attacks": {a: r["skipped"] for a, r in card.get("attacks", {}).items() if "skipped" in r},
+            "verbatim_face": card.get("verbatim", {}).get("face", {}).get("mean"),
+            "worst_tar": _first_tar(card["attacks"][w["attack"]]) if w else None,
             "edge_ssim": card.get("leakage", {}).get("edge_ssim"),
             "edge_f": card.get("leakage", {}).get("edge_f"),
             **{m: util.get(m) for m in ("ssim", "psnr", "identical_pairs", "lpips", "fid", "kid", "fid_features")},
@@ -81,16 +83,52 @@ def leaderboard(results: dict[str, Any], key: str = MAIN) -> list[dict[str, Any]
     return rows
 
 
+def _main_of(by_key: dict[str, Any], main: str) -> tuple[str, Any]:
+    """(key, value) of ``main`` if measured, else of the first key measured (linkage only: no labels)."""
+    if main in by_key:
+        return main, by_key[main]
+    return next(iter(by_key.items()), (main, None))
+
+
+def _first_tar(attack: dict[str, Any]) -> dict[str, Any] | None:
+    """The attack's TAR at the first configured FAR in its main verification mode (with its interval)."""
+    tars = (_main_of(attack.get("verification", {}), MAIN.split("/")[1])[1] or {}).get("tar_at_far", {})
+    return next(iter(tars.values()), None)
+
+
+def privacy_lines(card: dict[str, Any]) -> list[str]:
+    """The verification, anonymity-set and verbatim-copy lines of a report card."""
+    out = []
+    for a_name, a in ran(card).items():
+        mode, ver = _main_of(a.get("verification", {}), MAIN.split("/")[1])
+        key, anon = _main_of(a.get("anonymity", {}), MAIN)
+        if ver:
+            tars = ", ".join(f"TAR@FAR={t['far']:g} {fmt(t)}" + ("" if t["resolved"] else " (unresolved: too few impostor pairs)")
+                             for t in ver["tar_at_far"].values())
+            out.append(f"- {a_name}, 1:1 verification ({mode}): {tars}; EER {ver['eer']:.3f} "
+                       f"({ver['n_genuine']} genuine, {ver['n_impostor']} impostor pairs)")
+        if anon:
+            out.append(f"- {a_name}, effective anonymity set ({key}, pool {anon['pool']}): entropy {anon['entropy_set']['mean']:.1f}, "
+                       f"rank {anon['rank_set']['mean']:.1f} (median {anon['rank_set']['q50']:.0f})")
+    verb = card.get("verbatim")
+    if verb:
+        out.append(f"- verbatim copy: {verb['image']['mean']:.3f} of the pixels, {verb['face']['mean']:.3f} of the face region "
+                   f"unchanged; {verb['pasted_faces']:.2f} of the images with the face pasted as it was ({verb['n_pairs']} pairs)")
+    return out
+
+
 def leaderboard_markdown(rows: list[dict[str, Any]], key: str = MAIN) -> str:
     attacks = list(dict.fromkeys(a for r in rows for a in r["top1_by_attack"]))
     optional = [m for m in ("lpips", "fid", "kid") if any(r[m] is not None for r in rows)]
     head = ["rank", "anonymizer", "worst-case top-1", "norm.", "strongest attack"] + [f"{a}" for a in attacks]
-    head += ["edge SSIM", "SSIM", "PSNR"] + [m.upper() for m in optional]
+    head += ["TAR@FAR", "verbatim face", "edge SSIM", "SSIM", "PSNR"] + [m.upper() for m in optional]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         w = {"value": r["worst_top1"], "ci95": r["worst_top1_ci95"]} if r["worst_top1"] is not None else None
         cells = [str(r["rank"]), r["anonymizer"], fmt(w), _num(r["worst_top1_normalized"], ".3f"), r["worst_attack"] or "-"]
         cells += [_num(r["top1_by_attack"].get(a), ".3f") for a in attacks]
+        tar = r.get("worst_tar")
+        cells += [f"{fmt(tar)} @{tar['far']:g}" if tar else "-", _num(r.get("verbatim_face"), ".2f")]
         cells += [_num(r["edge_ssim"], ".2f"), _num(r["ssim"], ".3f"), fmt_psnr(r)] + [_num(r[m], ".4g") for m in optional]
         lines.append("| " + " | ".join(cells) + " |")
     chance = next((r["chance"] for r in rows if r["chance"] is not None), None)
@@ -124,6 +162,9 @@ def card_markdown(name: str, card: dict[str, Any], keys: list[str]) -> str:
     if leak:
         out.append(f"\nLeakage (edges of original vs anonymized): F-score {leak['edge_f']:.3f}, Chamfer {leak['chamfer']:.2f} px, "
                    f"edge SSIM {leak['edge_ssim']:.3f} over {leak['n_pairs']} pairs.")
+    privacy = privacy_lines(card)
+    if privacy:
+        out.append("\nPrivacy measures:\n" + "\n".join(privacy))
     util = card.get("utility")
     if util:
         parts = [f"SSIM {util['ssim']:.3f}", f"PSNR {fmt_psnr(util, ' dB')}"]

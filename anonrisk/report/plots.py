@@ -173,3 +173,28 @@ def plot_sweep(sweep: dict[str, Any], path: Path, key: str = "full-ref/exclude-s
     ax.set_title(sweep["name"], fontsize=9)
     _save(fig, path)
     plt.close(fig)
+
+
+def plot_samples(name: str, rows: list[list[tuple[Any, Any]]], path: Path, note: str = "") -> None:
+    """What an anonymizer does to a face: one row per test identity, each image as (original, anonymized)
+    side by side, or the anonymized image alone where the original is None."""
+    plt = _plt()
+    with_originals = any(orig is not None for row in rows for orig, _ in row)
+    per_image = 2 if with_originals else 1
+    n_cols = max(len(row) for row in rows) * per_image
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.1 * n_cols, 1.15 * len(rows) + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, row in enumerate(rows):
+        for j, (orig, anon) in enumerate(row):
+            shown = [("original", orig), ("anonymized", anon)] if with_originals else [("anonymized", anon)]
+            for k, (label, img) in enumerate(shown):
+                ax = axes[i, j * per_image + k]
+                if img is not None:
+                    ax.imshow(img)
+                if i == 0:
+                    ax.set_title(label, fontsize=7)
+        axes[i, 0].text(-0.08, 0.5, f"identity {i + 1}", transform=axes[i, 0].transAxes, rotation=90, ha="right", va="center", fontsize=7)
+    fig.suptitle(f"{name}: test identities" + (f" ({note})" if note else ""), fontsize=9)
+    _save(fig, path)
+    plt.close(fig)

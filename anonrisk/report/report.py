@@ -1,5 +1,7 @@
-"""Write ``results/<run>/``: metrics.json (schema-versioned), config.yaml, report.md, plots/*.png,
-then log the same numbers to MLflow (a view of the JSON). No image of a face is ever written here."""
+"""Write ``results/<run>/``: metrics.json (schema-versioned), config.yaml, report.md, plots/*.png (MLflow
+is logged by the pipeline, ``tracking/run_log.py``). The only pictures of faces are the samples grids
+(``plots/samples_<anonymizer>.png``): anonymized test images, with their originals beside them only for
+synthetic data or when ``tracking.sample_originals`` asks."""
 
 from __future__ import annotations
 
@@ -27,6 +29,39 @@ def card_plot_name(anonymizer: str) -> str:
     import re
 
     return "card_" + re.sub(r"[^A-Za-z0-9_.-]", "_", anonymizer) + ".png"
+
+
+def sample_plot_name(anonymizer: str) -> str:
+    return card_plot_name(anonymizer).replace("card_", "samples_", 1)
+
+
+def write_samples(cfg: RunConfig, data_stage: StageDir, name: str, anonymize_stage: StageDir, path: Path,
+                  originals: bool | None = None, images_per_identity: int = 3) -> bool:
+    """The samples grid of one anonymizer: its images of the first ``tracking.samples`` test identities
+    (sorted, so every run shows the same people). Originals beside them when ``originals`` (default:
+    ``tracking.sample_originals``, else only for synthetic data). False when there is nothing to show."""
+    from anonrisk.data.io import load_image
+    from anonrisk.data.records import read_manifest
+    from anonrisk.report.plots import plot_samples
+
+    manifest = anonymize_stage / "manifest.jsonl"
+    if cfg.tracking.samples == 0 or not manifest.exists():
+        return False
+    if originals is None:
+        originals = cfg.tracking.sample_originals if cfg.tracking.sample_originals is not None else cfg.data.dataset == "synthetic"
+    by_identity: dict[str, list] = {}
+    for r in sorted(read_manifest(manifest), key=lambda r: (r.identity, r.id)):
+        if r.split == "test":
+            by_identity.setdefault(r.identity, []).append(r)
+    chosen = sorted(by_identity)[: cfg.tracking.samples]
+    if not chosen:
+        return False
+    source = {r.id: r.path for r in read_manifest(data_stage / "manifest.jsonl")} if originals else {}
+    rows = [[(load_image(source[r.id]) if r.id in source else None, load_image(r.path)) for r in by_identity[i][:images_per_identity]]
+            for i in chosen]
+    note = "originals beside them" if originals else "anonymized only"
+    plot_samples(name, rows, path, note)
+    return True
 
 
 def check_schema(doc: dict) -> dict:
@@ -64,7 +99,20 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n" + note
 
 
-def report_markdown(cfg: RunConfig, results: dict[str, Any]) -> str:
+def data_notes(data: dict[str, Any]) -> str:
+    """What the report must say about the data: no identity labels (linkage only), photos without a face."""
+    notes = []
+    if data.get("labeled") is False:
+        notes.append("The dataset has no identity labels (every image its own identity): only linkage was measured "
+                     "(full-ref/linkage: is an anonymized face linked to its own original?); cross-image re-identification "
+                     "(exclude-source) needs identities.")
+    if data.get("no_face"):
+        notes.append(f"No face was found in {len(data['no_face'])} photos, left out: {', '.join(data['no_face'][:10])}"
+                     + (" ..." if len(data["no_face"]) > 10 else "") + ".")
+    return "".join(f"{n}\n\n" for n in notes)
+
+
+def report_markdown(cfg: RunConfig, results: dict[str, Any], data: dict[str, Any] | None = None) -> str:
     from anonrisk.report.card import card_markdown, protocol_keys
 
     keys = protocol_keys(results)
@@ -75,6 +123,7 @@ def report_markdown(cfg: RunConfig, results: dict[str, Any]) -> str:
     parts = [
         f"# anonrisk report: {cfg.name}\n",
         f"Attacks: {attacks}.{settings} Dataset: {cfg.data.dataset}.\n",
+        data_notes(data or {}),
         markdown_table(results),
         "Leaderboard across anonymizers: [leaderboard.md](leaderboard.md).\n",
         "![re-identification by attack](plots/reid.png)\n\n![privacy vs utility](plots/privacy_utility.png)\n\n"
@@ -84,6 +133,8 @@ def report_markdown(cfg: RunConfig, results: dict[str, Any]) -> str:
     for name, card in results.items():
         parts.append(card_markdown(name, card, keys))
         parts.append(f"![{name}](plots/{card_plot_name(name)})\n")
+        if cfg.tracking.samples:
+            parts.append(f"![{name}: samples](plots/{sample_plot_name(name)})\n")
     return "\n".join(parts)
 
 
@@ -111,7 +162,8 @@ def stage_runtime(runs_dir: str, results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_report(cfg: RunConfig, data_stage: StageDir, results: dict[str, Any]) -> dict:
+def write_report(cfg: RunConfig, data_stage: StageDir, results: dict[str, Any], anonymized: dict[str, StageDir] | None = None) -> dict:
+    """``anonymized``: each anonymizer's anonymize stage, for its samples grid."""
     from anonrisk.environment import environment
 
     out = Path(cfg.results_dir) / cfg.name
@@ -141,7 +193,7 @@ def write_report(cfg: RunConfig, data_stage: StageDir, results: dict[str, Any]) 
         tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     table = markdown_table(results)
     with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(report_markdown(cfg, results))
+        tmp.write_text(report_markdown(cfg, results, doc["data"]))
     from anonrisk.report.card import leaderboard, leaderboard_markdown
     from anonrisk.report.plots import plot_card, plot_leakage_vs_reid, plot_privacy_utility, plot_reid
 
@@ -155,10 +207,8 @@ def write_report(cfg: RunConfig, data_stage: StageDir, results: dict[str, Any]) 
     plot_leakage_vs_reid(results, out / "plots" / "leakage_vs_reid.png")
     for name, card in results.items():
         plot_card(name, card, out / "plots" / card_plot_name(name))
-    if cfg.tracking.mlflow:
-        from anonrisk.tracking.mlflow_log import log_results
-
-        log_results(cfg, doc, out)
+        if anonymized and name in anonymized:
+            write_samples(cfg, data_stage, name, anonymized[name], out / "plots" / sample_plot_name(name))
     doc["table"] = table
     doc["results_dir"] = str(out)
     return doc

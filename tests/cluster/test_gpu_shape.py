@@ -133,7 +133,7 @@ def _grid(tmp: Path, experiment: str, tracking_uri: str) -> Path:
                   "attacks": ["contrastive"],
                   # SGD: AdamW divides each near-zero gradient element by its own size, which turns float
                   # summation order into lr-sized weight differences; the data-parallel path is the same
-                  "attack": {"device": "cpu", "steps": STEPS, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "checkpoint_every": 2},
+                  "train": {"device": "cpu", "steps": STEPS, "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "checkpoint_every": 2},
                   "evaluate.bootstrap": 20, "evaluate.leakage": False, "tracking.tracking_uri": tracking_uri,
                   "tracking.experiment": experiment},
         "axes": {"anonymizer": ["blur"], "backbone": ["test_convnext"]},
@@ -198,7 +198,7 @@ def test_sixteen_ranks_on_two_nodes_match_one_process(slurm_cluster, mlflow_serv
 
     # the same cell in this process, one rank with the whole global batch
     cfg = plan_grid(grid, {"runs_dir": str(tmp_path / "ref")}, check=False).cells[0].config
-    ref = Pipeline(cfg).train(cfg.anonymizers[0])
+    ref = Pipeline(cfg).train(cfg.anonymizers[0], "contrastive")
     got = tmp_path / "runs" / train_key
     diffs = [abs(a - b) for a, b in zip(_losses(got), _losses(ref.path))]
     assert len(diffs) == STEPS and max(diffs) <= 2e-6, (_losses(got), _losses(ref.path))  # the log rounds to 1e-6

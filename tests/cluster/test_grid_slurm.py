@@ -135,15 +135,15 @@ def test_every_metric_is_in_mlflow(smoke_grid, mlflow_server):
     assert parents[0].data.tags["anonrisk.missing_cells"] == "none"
     assert len(children) == 6 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     doc = json.loads((smoke_grid["dir"] / "results" / "smoke" / "metrics.json").read_text())
-    from anonrisk.tracking.mlflow_log import result_metrics
+    from anonrisk.tracking.mlflow_log import headline_metrics
 
     for c in children:
         assert c.info.status == "FINISHED"
         cell = next(x for x in doc["cells"] if x["id"] == c.data.tags["anonrisk.cell"])
-        expected = result_metrics(cell["result"])
+        expected = headline_metrics(cell["result"])
         assert expected and {k: c.data.metrics[k] for k in expected} == pytest.approx(expected)
         assert c.data.params["grid.backbone"] == cell["axes"]["backbone"]
-        assert len(client.get_metric_history(c.info.run_id, "train.loss")) == 16  # every step, logged once
+        assert len(client.get_metric_history(c.info.run_id, "train/loss")) == 16  # every step, logged once
     arts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"metrics.json", "comparison.md", "plots"} <= arts
     # anonrisk compare reads the same numbers back from MLflow
