@@ -72,9 +72,26 @@ def train_fingerprint(cfg: TrainConfig, data_fp: str, source_fp: str, image_size
     from anonrisk.attack.train import TRAIN_VERSION
 
     d = cfg.model_dump(exclude={"device", "checkpoint_every"})
+    d = {k: v for k, v in d.items() if k not in _inert_train_keys(cfg)}
     if cfg.pretrained:  # pretrained backbones see their own mean/std since then (earlier runs: 0.5/0.25)
         d["input_normalization"] = "pretrained"
     return fingerprint("train", TRAIN_VERSION, d, data_fp, source_fp, image_size)
+
+
+#: train keys added after TRAIN_VERSION 2 (issue 18): left out of the fingerprint at their defaults, so the
+#: train stages of earlier configs keep their directories
+_LATER_TRAIN_KEYS = ("trust_coefficient", "lr_scaling", "lr_base_batch", "warmup_steps", "loss_tile")
+
+
+def _inert_train_keys(cfg: TrainConfig) -> set[str]:
+    """Keys that cannot change this training: later keys at their defaults, and settings of what is off."""
+    fields = TrainConfig.model_fields
+    inert = {k for k in _LATER_TRAIN_KEYS if getattr(cfg, k) == fields[k].default}
+    if cfg.optimizer != "lars":
+        inert.add("trust_coefficient")
+    if cfg.lr_scaling == "none":
+        inert.add("lr_base_batch")
+    return inert
 
 
 def attack_fingerprint(attack: Attack, train_fp: Optional[str], data_fp: str, anon_fp: str) -> str:

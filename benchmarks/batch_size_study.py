@@ -27,13 +27,12 @@ def cell_overrides(study: dict, batch: int, train_pairs: int) -> list[str]:
     # fixed steps: every batch size gets as many updates; fixed epochs: every batch size sees as many images
     steps = study["steps"] if "steps" in study else math.ceil(study["epochs"] * train_pairs / batch)
     lr_rule = study.get("lr", {})
-    lr = lr_rule.get("base", 0.003)
-    if lr_rule.get("scaling", "none") == "sqrt":
-        lr *= math.sqrt(batch / lr_rule.get("base_batch", batch))
-    elif lr_rule.get("scaling") == "linear":
-        lr *= batch / lr_rule.get("base_batch", batch)
-    out = [f"train.batch_size={batch}", f"train.steps={steps}", f"train.lr={lr:.6g}",
+    # the trainer scales the peak lr itself (train.lr_scaling from train.lr_base_batch, docs/large_batch.md)
+    out = [f"train.batch_size={batch}", f"train.steps={steps}", f"train.lr={lr_rule.get('base', 0.003):.6g}",
+           f"train.lr_scaling={lr_rule.get('scaling', 'none')}", f"train.lr_base_batch={lr_rule.get('base_batch', batch)}",
            f"train.per_identity={study.get('per_identity', 2)}", f"train.checkpoint_every={max(steps // 4, 1)}"]
+    if study.get("warmup_steps") is not None:  # at most the cell's steps (a fixed-epoch cell may have few)
+        out.append(f"train.warmup_steps={min(study['warmup_steps'], steps)}")
     chunk = study.get("grad_cache_chunk")
     if chunk and batch > chunk:
         out.append(f"train.grad_cache_chunk={chunk}")
@@ -43,6 +42,7 @@ def cell_overrides(study: dict, batch: int, train_pairs: int) -> list[str]:
 def main(argv=None) -> int:
     import yaml
 
+    from anonrisk.attack.train import lr_schedule
     from anonrisk.config import load_config
     from anonrisk.pipeline import Pipeline
     from anonrisk.stages import read_json
@@ -51,12 +51,22 @@ def main(argv=None) -> int:
     ap.add_argument("study", help="study YAML (configs/studies/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="extra dotted overrides for every cell (e.g. runs_dir=/scratch/runs)")
     ap.add_argument("--batch-sizes", default=None, help="comma separated, replaces the study's list")
+    ap.add_argument("--max-batch", type=int, default=None, help="run only batches up to this; the others are listed as not run")
+    ap.add_argument("--steps", type=int, default=None, help="a fixed-steps budget in place of the study's (a reduced run)")
+    ap.add_argument("--epochs", type=float, default=None, help="a fixed-epochs budget in place of the study's")
+    ap.add_argument("--name", default=None, help="results/<name> (default: the study's name), e.g. for a reduced run")
     args = ap.parse_args(argv)
     path = Path(args.study)
     study = yaml.safe_load(path.read_text())
+    for key in ("steps", "epochs"):
+        if getattr(args, key) is not None:
+            study.pop("steps", None), study.pop("epochs", None)
+            study[key] = getattr(args, key)
     base = (path.parent / study["base"]).resolve()
     common = list(study.get("overrides", [])) + list(args.overrides)
     batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else study["batch_sizes"]
+    not_run = [b for b in batches if args.max_batch and b > args.max_batch]
+    batches = [b for b in batches if b not in not_run]
     metric = study.get("metric", "full-ref/exclude-source")
 
     probe = Pipeline(load_config(base, common))
@@ -75,17 +85,18 @@ def main(argv=None) -> int:
             losses = [json.loads(x)["loss"] for x in (train_stage / "log.jsonl").read_text().splitlines()]
             top1 = m["protocols"][metric]["top1"]
             link = m["protocols"].get(metric.split("/")[0] + "/linkage", {}).get("top1", {})
-            rows.append({"anonymizer": spec.name, "batch": batch, "steps": cfg.train.steps, "lr": cfg.train.lr,
+            rows.append({"anonymizer": spec.name, "batch": batch, "steps": cfg.train.steps, "lr": lr_schedule(cfg.train).peak_lr,
                          "grad_cache_chunk": cfg.train.grad_cache_chunk, "top1": top1["value"], "ci95": top1["ci95"],
                          "chance": top1["chance"], "linkage_top1": link.get("value"), "final_loss": sum(losses[-5:]) / len(losses[-5:]),
                          "train_seconds": done.get("seconds"), "cell_seconds": time.perf_counter() - t0,
                          "train_fingerprint": train_stage.fingerprint})
             print(f"{spec.name} batch {batch}: top-1 {top1['value']:.3f} {top1['ci95']} ({cfg.train.steps} steps)", flush=True)
 
-    out = Path(probe.cfg.results_dir) / study["name"]
+    out = Path(probe.cfg.results_dir) / (args.name or study["name"])
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"study": study, "base_config": str(base.relative_to(REPO)) if base.is_relative_to(REPO) else str(base),
-           "overrides": common, "train_pairs": train_pairs, "metric": metric, "rows": rows,
+    doc = {"name": args.name or study["name"], "study": study, "base_config": str(base.relative_to(REPO)) if base.is_relative_to(REPO) else str(base),
+           "overrides": common, "train_pairs": train_pairs, "train_identities": len({r.identity for r in probe.records if r.split == "train"}),
+           "metric": metric, "rows": rows, "not_run": not_run, "command": " ".join(["python", *sys.argv]),
            "total_seconds": time.perf_counter() - t_start, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "study.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "study.md").write_text(render(doc))
@@ -96,7 +107,7 @@ def main(argv=None) -> int:
 
 def render(doc: dict) -> str:
     s = doc["study"]
-    lines = [f"# Re-identification vs contrastive batch size: {s['name']}", "",
+    lines = [f"# Re-identification vs contrastive batch size: {doc.get('name', s['name'])}", "",
              f"`benchmarks/batch_size_study.py` on `{doc['base_config']}` with {', '.join(f'`{o}`' for o in doc['overrides'])}. "
              f"{budget(s, doc['train_pairs'])}, {s.get('per_identity')} images per identity per batch, lr "
              f"{s.get('lr', {}).get('scaling', 'fixed')}-scaled from {s.get('lr', {}).get('base')} at batch {s.get('lr', {}).get('base_batch')}; "
@@ -106,11 +117,19 @@ def render(doc: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in doc["rows"]:
         lines.append(f"| {r['anonymizer']} | {r['batch']} | {r['steps']} | {r['lr']:.4g} | {r['grad_cache_chunk'] or '-'} | "
-                     f"{r['top1']:.3f} | [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | "
+                     f"{r['top1']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
                      f"{'-' if r['linkage_top1'] is None else format(r['linkage_top1'], '.3f')} | {r['final_loss']:.3f} | "
                      f"{r['train_seconds'] or 0:.0f} |")
     chance = doc["rows"][0]["chance"] if doc["rows"] else None
-    lines += ["", f"Chance top-1: {chance:.3f}." if chance else ""]
+    lines += ["", f"Chance top-1: {chance:.4f}." if chance else ""]
+    if doc.get("train_identities"):
+        lines += ["", f"{doc['train_identities']} training identities: the largest batch run holds "
+                      f"{max(r['batch'] for r in doc['rows']) // s.get('per_identity', 2) if doc['rows'] else 0} of them."]
+    if doc.get("not_run"):
+        lines += ["", f"Not run here (over `--max-batch`): batches {', '.join(map(str, doc['not_run']))}; "
+                      "run them with the study's command without `--max-batch`."]
+    if doc.get("command"):
+        lines += ["", f"Command: `{doc['command']}`"]
     return "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,11 @@
-"""Contrastive training throughput and memory: the anonrisk engines beside a bare PyTorch loop.
+"""Contrastive training throughput and memory: the anonrisk engines beside a bare PyTorch loop, untiled
+and tiled loss (``train.loss_tile``, issue 18).
 
     python benchmarks/train_throughput.py --device cuda --backbone resnet50 --image-size 224 \
-        --batch-sizes 256,512 --chunks none,256 --engines torch,deepspeed --zero-stages 0,2 \
-        --search-chunk 512 --max-batch 65536            # the GPU figure (one H100: target 32,768 pairs)
+        --batch-sizes 256,512 --chunks none,256 --engines torch,deepspeed --zero-stages 0,2 --tiles none,8192 \
+        --search-chunk 512 --max-batch 1048576 --search-start 16384   # the GPU figures (one H100/H200)
     python benchmarks/train_throughput.py --device cpu  # the CPU record at tiny size (test_convnext, 32 px)
+    python benchmarks/gpu_cases_training.py             # one step at 1,048,576 pairs, R50 224 px (GPU)
 
 Timing: all configurations of one batch size are built in one process and stepped round by round
 (interleaved, so load from other processes falls on all alike); images/s from each one's median step time.
@@ -16,8 +18,12 @@ the device as uint8, made float inside the step on both sides (data loading is n
 images/s counts both images of a pair. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the
 CPU the peak resident set size above the process's size once imports are done, before the model is
 built (sampled every 2 ms).
+``--tiles``: each engine configuration also with the tiled loss (rows named ``... tiled``, ``vs untiled`` =
+tiled / untiled img/s at the same engine, chunk and batch); ``none`` alone: untiled only.
 Largest batch: doubling from ``--search-start`` until a step fails (CUDA out of memory) or, on the CPU,
-its memory passes ``--memory-cap-gb`` (the worker stops itself there), with and without GradCache.
+its memory passes ``--memory-cap-gb`` (the worker stops itself there): bare, untiled GradCache and tiled
+GradCache. The GradCache searches make their inputs per chunk from a seed (``streamed``, as a loader would:
+a batch of 10^6 images never sits in memory), so what they measure is the model and the loss.
 Results go to ``results/benchmarks/train_throughput.json`` (one entry per device/backbone/size) and ``.md``.
 """
 
@@ -49,11 +55,12 @@ def parse(argv=None):
     ap.add_argument("--chunks", default=None, help="GradCache chunks in pairs, 'none' = whole batch (default none,16,64 cpu; none,128 cuda)")
     ap.add_argument("--engines", default="torch,deepspeed")
     ap.add_argument("--zero-stages", default="0,2,3", help="for the deepspeed engine")
+    ap.add_argument("--tiles", default=None, help="loss tiles, 'none' = untiled (default none,<default_tile>)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--iters", type=int, default=None, help="timed rounds (default 7 cpu, 10 cuda)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2 cpu, 3 cuda)")
     ap.add_argument("--search-start", type=int, default=None, help="first batch of the largest-batch search (default 64 cpu, 1024 cuda)")
-    ap.add_argument("--max-batch", type=int, default=None, help="stop the search here (default 8192 cpu, 65536 cuda)")
+    ap.add_argument("--max-batch", type=int, default=None, help="stop the search here (default 262144 cpu, 1048576 cuda)")
     ap.add_argument("--search-chunk", type=int, default=None, help="GradCache chunk for the search (default 32 cpu, 512 cuda)")
     ap.add_argument("--memory-cap-gb", type=float, default=0.5, help="CPU: a step using more than this does not fit")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -97,11 +104,21 @@ def make_step(spec: dict, device):
     from anonrisk.config.schema import TrainConfig
 
     b, size = spec["batch"], spec["image_size"]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    # uint8 images on the device, made float per step (bare) or per GradCache chunk (engines), as in training
-    anon = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8).to(device)
-    orig = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8).to(device)
     labels = torch.arange(b, device=device)
+    streamed = spec.get("inputs") == "streamed" and spec["kind"] != "bare"
+    if streamed:  # rows without pixels (contrastive_step slices them); prepare makes each chunk from a seed
+        anon = orig = torch.empty((b, 0), dtype=torch.uint8)
+    else:  # uint8 images on the device, made float per step (bare) or per GradCache chunk (engines)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        anon = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8).to(device)
+        orig = torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8).to(device)
+
+    def prepare(x, rows, side):
+        if not streamed:
+            return Encoder.preprocess(x)
+        g = torch.Generator(device=device).manual_seed(1_000_003 * side + rows.start)  # the same on the re-run
+        n = min(rows.stop, b) - rows.start
+        return Encoder.preprocess(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8, device=device))
     bf16 = spec["precision"] == "bf16"
     if spec["kind"] == "bare":
         torch.manual_seed(0)
@@ -126,11 +143,11 @@ def make_step(spec: dict, device):
 
     cfg = TrainConfig(backbone=spec["backbone"], input="rgb", embed_dim=spec["embed_dim"], batch_size=b, lr=1e-4,
                        engine=spec["kind"], precision=spec["precision"], grad_cache_chunk=spec.get("chunk"),
-                       zero_stage=spec.get("zero_stage"), freeze_bn=spec.get("chunk") is not None)
+                       zero_stage=spec.get("zero_stage"), freeze_bn=spec.get("chunk") is not None, loss_tile=spec.get("tile"))
     engine, _ = build_engine(cfg, str(device))
 
     def step():
-        contrastive_step(engine, anon, orig, labels, lambda x, rows, side: Encoder.preprocess(x))
+        contrastive_step(engine, anon, orig, labels, prepare)
         engine.step(1e-4)
 
     return step
@@ -240,6 +257,11 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
     base = {"device": args.device, "backbone": backbone, "image_size": size, "embed_dim": args.embed_dim,
             "precision": precision, "iters": iters, "warmup": warmup, "threads": args.threads}
+    from anonrisk.attack.tiled import default_tile
+
+    tile = default_tile(args.device)
+    tiles = [None if t == "none" else int(t) for t in (args.tiles or f"none,{tile}").split(",")]
+    tile = next((t for t in tiles if t), tile)  # the search's tile
 
     rows = []
     for b in batches:
@@ -250,7 +272,9 @@ def main(argv=None):
                 for chunk in chunks:
                     if chunk is not None and (chunk >= b or b % chunk):
                         continue
-                    configs.append({"label": f"{engine}-z{stage}-c{chunk}", "kind": engine, "chunk": chunk, "zero_stage": stage})
+                    for t in tiles:
+                        configs.append({"label": f"{engine}-z{stage}-c{chunk}-t{t}", "kind": engine, "chunk": chunk,
+                                        "zero_stage": stage, "tile": t})
         timing = run_worker({"mode": "timing", "device": args.device, "threads": args.threads, "configs": configs,
                              "common": {**base, "batch": b}, "rounds": iters, "warmup": warmup})
         print(f"timing b={b}: {timing}", file=sys.stderr)
@@ -259,23 +283,26 @@ def main(argv=None):
             mem = run_worker({**base, **c, "batch": b, "warmup": 1})
             t = timing.get(c["label"], {})
             ips = t.get("img_per_s")
-            rows.append({"engine": c["kind"], "zero_stage": c["zero_stage"], "batch": b, "chunk": c["chunk"],
-                         "fits": bool(ips) and mem.get("fits", False), "img_per_s": ips, "step_s": t.get("step_s"),
-                         "peak_mem_gb": mem.get("peak_mem_gb"), "vs_bare": ips / bare_ips if ips and bare_ips else None,
+            untiled = timing.get(c["label"].rsplit("-t", 1)[0] + "-tNone", {}).get("img_per_s") if c.get("tile") else None
+            rows.append({"engine": c["kind"] + (" tiled" if c.get("tile") else ""), "zero_stage": c["zero_stage"], "batch": b,
+                         "chunk": c["chunk"], "tile": c.get("tile"), "fits": bool(ips) and mem.get("fits", False),
+                         "img_per_s": ips, "step_s": t.get("step_s"), "peak_mem_gb": mem.get("peak_mem_gb"),
+                         "vs_bare": ips / bare_ips if ips and bare_ips else None,
+                         "vs_untiled": ips / untiled if ips and untiled else None,
                          **({"error": mem["error"]} if "error" in mem else {})})
             print(f"{c['label']} b={b}: {rows[-1]}", file=sys.stderr)
 
     search = {}
     if not args.skip_search:
         start = args.search_start or (1024 if cuda else 64)
-        top = args.max_batch or (65536 if cuda else 8192)
+        top = args.max_batch or (1048576 if cuda else 262144)
         chunk = args.search_chunk or (512 if cuda else 32)
         cap = None if cuda else args.memory_cap_gb * 2**30
-        for label, engine_chunk in (("bare", None), ("gradcache", chunk)):
+        for label, engine_chunk, t in (("bare", None, None), ("gradcache", chunk, None), ("tiled gradcache", chunk, tile)):
             b, best, tried = start, None, []
             while b <= top:
                 spec = {**base, "kind": "bare" if label == "bare" else "torch", "batch": b, "chunk": engine_chunk,
-                        "warmup": 0, "cap_bytes": cap}
+                        "tile": t, "inputs": "streamed", "warmup": 0, "cap_bytes": cap}
                 r = run_worker(spec)
                 tried.append({"batch": b, **r})
                 print(f"search {label} b={b}: {r}", file=sys.stderr)
@@ -283,7 +310,7 @@ def main(argv=None):
                     break
                 best = b
                 b *= 2
-            search[label] = {"largest_batch": best, "chunk": engine_chunk, "tried": tried, "capped_at_max": best == top}
+            search[label] = {"largest_batch": best, "chunk": engine_chunk, "tile": t, "tried": tried, "capped_at_max": best == top}
 
     import torch
 
@@ -314,27 +341,33 @@ def render(doc: dict) -> str:
              "Written by `benchmarks/train_throughput.py`: images/s (both images of a pair; all configurations of a "
              "batch size stepped round by round in one process, median step) and peak memory (each configuration in "
              "its own process), beside a bare PyTorch loop measured in the same run (`vs bare` = engine / bare at the "
-             "same batch). `chunk` = GradCache pairs per chunk (- = whole batch). GradCache memory grows with the "
-             "batch through the (N x N) similarity matrices of the loss (a few of them are kept for backward).", ""]
+             "same batch). `chunk` = GradCache pairs per chunk (- = whole batch); `tile` = rows per tile of the tiled loss "
+             "(`vs untiled` = tiled / untiled img/s, same engine, chunk and batch). Untiled GradCache memory grows with the "
+             "batch through the (N x N) similarity matrices of the loss; the tiled loss holds (tile x tile) blocks.", ""]
     for key, e in sorted(doc.items()):
         lines += [f"## {key}: {e['device']}", "",
                   f"{e['time']}; torch {e['torch']}, deepspeed {e.get('deepspeed', '-')}; {e['backbone']} at {e['image_size']} px, "
                   f"{e['precision']}, {e['warmup']} warm-up + {e['iters']} timed rounds, interleaved (median step).", "",
-                  "| engine | ZeRO | batch (pairs) | chunk | img/s | vs bare | peak mem GB |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| engine | ZeRO | batch (pairs) | chunk | tile | img/s | vs bare | vs untiled | peak mem GB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in e["rows"]:
             ips = f"{r['img_per_s']:.1f}" if r.get("img_per_s") else ("does not fit" if not r.get("fits") else "-")
-            ratio = f"{r['vs_bare']:.2f}" if r.get("vs_bare") else "-"
+            ratio, vs_untiled = (f"{r[k]:.2f}" if r.get(k) else "-" for k in ("vs_bare", "vs_untiled"))
             mem = f"{r['peak_mem_gb']:.3f}" if r.get("peak_mem_gb") is not None else "-"
             lines.append(f"| {r['engine']} | {'-' if r['zero_stage'] is None else r['zero_stage']} | {r['batch']} | "
-                         f"{r['chunk'] or '-'} | {ips} | {ratio} | {mem} |")
+                         f"{r['chunk'] or '-'} | {r.get('tile') or '-'} | {ips} | {ratio} | {vs_untiled} | {mem} |")
         if e.get("largest_batch"):
             cap = f" under a {e['memory_cap_gb']} GB cap" if e.get("memory_cap_gb") else ""
             lines += ["", f"Largest contrastive batch on one device{cap} (doubling search):", ""]
             for label, s in e["largest_batch"].items():
                 more = " (search stopped at --max-batch: more fits)" if s["capped_at_max"] else ""
                 mems = ", ".join(f"{t['batch']}: {t.get('peak_mem_gb', 0):.2f} GB" for t in s["tried"])
-                lines.append(f"- {label}{' (chunk ' + str(s['chunk']) + ')' if s['chunk'] else ''}: "
-                             f"**{s['largest_batch']} pairs**{more}; tried {mems}")
+                what = ", ".join(f"{k} {s[k]}" for k in ("chunk", "tile") if s.get(k))
+                lines.append(f"- {label}{f' ({what})' if what else ''}: **{s['largest_batch']} pairs**{more}; tried {mems}")
+            untiled, tiled = (e["largest_batch"].get(k, {}) for k in ("gradcache", "tiled gradcache"))
+            if untiled.get("largest_batch") and tiled.get("largest_batch") and not untiled["capped_at_max"]:
+                at_least = "at least " if tiled["capped_at_max"] else ""
+                lines += ["", f"Tiled / untiled GradCache largest batch: {at_least}**{tiled['largest_batch'] / untiled['largest_batch']:.0f}x**."]
         lines.append("")
     return "\n".join(lines)
 

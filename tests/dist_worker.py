@@ -19,7 +19,12 @@ ENGINES = {  # name -> attack.* overrides
     "ds-zero2": dict(engine="deepspeed", zero_stage=2),
     "ds-zero2-gradcache": dict(engine="deepspeed", zero_stage=2, grad_cache_chunk=2),
     "torch-ddp-gradcache": dict(engine="torch", grad_cache_chunk=2),
+    # the tiled loss (train.loss_tile) through the real training path: 4 rows per rank, 8 columns, tiles of 3
+    "torch-ddp-gradcache-tiled": dict(engine="torch", grad_cache_chunk=2, loss_tile=3),
+    "ds-zero2-gradcache-tiled": dict(engine="deepspeed", zero_stage=2, grad_cache_chunk=2, loss_tile=3),
 }
+#: each tiled engine and the untiled one it must equal (the loss is exact; only summation order differs)
+TILED_OF = {"torch-ddp-gradcache-tiled": "torch-ddp-gradcache", "ds-zero2-gradcache-tiled": "ds-zero2-gradcache"}
 
 
 def global_embeddings():

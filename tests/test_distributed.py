@@ -71,15 +71,22 @@ def test_gathered_loss_across_two_slurm_ranks_equals_the_global_loss(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_match_one_process_with_the_global_batch(tmp_path, dist_group):
     """torchrun --nproc_per_node 2: DeepSpeed ZeRO-2 (plain and with GradCache) and DDP with GradCache give
-    the same losses and weights as one process with the whole batch (fp32, SGD, learnable temperature)."""
+    the same losses and weights as one process with the whole batch (fp32, SGD, learnable temperature); so do
+    both with the tiled loss (train.loss_tile: each rank's rows against every column, in ragged tiles), whose
+    single process in turn equals the untiled one."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(HERE / "dist_worker.py"), "train", str(tmp_path / "out")]
     proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     outs = [torch.load(tmp_path / f"out.{r}.pt", weights_only=False) for r in range(2)]
     assert outs[0]["env"]["launcher"] == "torchrun" and outs[0]["env"]["world_size"] == 2
+    refs = {}
     for name, overrides in dist_worker.ENGINES.items():
-        ref_losses, ref_w, ref_t = dist_worker.train_few_steps(overrides)
+        ref_losses, ref_w, ref_t = refs[name] = dist_worker.train_few_steps(overrides)
+        if name in dist_worker.TILED_OF:
+            untiled_losses, untiled_w, _ = refs[dist_worker.TILED_OF[name]]
+            assert max(abs(x - y) for x, y in zip(ref_losses, untiled_losses)) < 1e-6, (name, ref_losses, untiled_losses)
+            assert max((ref_w[k] - untiled_w[k]).abs().max().item() for k in ref_w) < 1e-5, name
         for r in range(2):
             losses, w, t = outs[r][name]
             assert max(abs(x - y) for x, y in zip(losses, ref_losses)) < 1e-5, (name, losses, ref_losses)

@@ -84,7 +84,10 @@ class Attack(Kind, abc.ABC):
 
     @abc.abstractmethod
     def similarity(self, ctx: AttackContext, probes: Sequence["FaceRecord"], gallery: Sequence["FaceRecord"]) -> "torch.Tensor":
-        """probes x gallery similarity (larger = more alike)."""
+        """probes x gallery similarity (larger = more alike): a matrix, or better a function of probe rows
+        with a ``shape`` (``evaluate.protocols.EmbeddingSimilarity`` for embeddings, ``StreamedSimilarity`` for
+        any other score), which the scorer reads one block of rows at a time, so memory stays O(probes x
+        identities) whatever the gallery."""
 
     def describe(self) -> dict[str, Any]:
         return {"class": type(self).__name__, "version": self.version, "params": self.p.model_dump(mode="json")}

@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from anonrisk.attack.dist import barrier
-from anonrisk.attack.engine_base import ContrastiveModel, Engine, fp32
-from anonrisk.attack.train_plan import Plan
+from anonrisk.attack.engine_base import ContrastiveModel, Engine, fp32, layerwise_optimizer
+from anonrisk.attack.train_plan import LAYERWISE, Plan
 from anonrisk.config.schema import TrainConfig
 from anonrisk.errors import ConfigError
 from anonrisk.stages import write_json
@@ -38,7 +38,10 @@ class DeepSpeedEngine(Engine):
         params = [p for p in model.parameters() if p.requires_grad]
         logging.getLogger("anonrisk").info("DeepSpeed: initializing (the first use on a machine builds its C++/CUDA ops: "
                                            "about 2 minutes without output; later runs load them from the cache)")
-        self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=dict(plan.ds_config))
+        # LARS/LAMB: our own optimizer instance (the plan allows it at ZeRO 0 in fp32 only, where DeepSpeed
+        # steps it on the real tensors); otherwise DeepSpeed builds the config's torch AdamW/SGD
+        client = layerwise_optimizer(cfg, model) if cfg.optimizer in LAYERWISE else None
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=client, model_parameters=params, config=dict(plan.ds_config))
         self.module = self.ds.module
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision, torch.float32)
         self.ds.checkpoint_engine = _weights_only_checkpoint_engine(self.ds.checkpoint_engine)

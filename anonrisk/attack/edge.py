@@ -62,22 +62,28 @@ def ncc_features(maps: np.ndarray, smooth: float) -> np.ndarray:
     return flat / (np.linalg.norm(flat, axis=1, keepdims=True) + 1e-8)
 
 
-def chamfer_similarity(probe_maps: np.ndarray, gallery_maps: np.ndarray) -> np.ndarray:
-    """Minus the symmetric Chamfer distance between binary edge maps, for every probe x gallery pair."""
+def chamfer_parts(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(edge-pixel weights, distance transforms) of binary edge maps, flattened: what ``chamfer_rows`` needs."""
     from scipy import ndimage
 
-    def parts(maps):
-        e = maps > 0.5
-        diag = float(np.hypot(*maps.shape[1:]))
-        dt = np.stack([ndimage.distance_transform_edt(~m) if m.any() else np.full(m.shape, diag) for m in e])
-        weights = e.reshape(len(e), -1).astype(np.float64)
-        weights /= np.maximum(weights.sum(1, keepdims=True), 1)  # mean over a map's edge pixels
-        return weights, dt.reshape(len(e), -1).astype(np.float64)
+    e = maps > 0.5
+    diag = float(np.hypot(*maps.shape[1:]))
+    dt = np.stack([ndimage.distance_transform_edt(~m) if m.any() else np.full(m.shape, diag) for m in e])
+    weights = e.reshape(len(e), -1).astype(np.float64)
+    weights /= np.maximum(weights.sum(1, keepdims=True), 1)  # mean over a map's edge pixels
+    return weights, dt.reshape(len(e), -1).astype(np.float64)
 
-    wp, dp = parts(probe_maps)
-    wg, dg = parts(gallery_maps)
-    # probe edges to the nearest gallery edge, and back
+
+def chamfer_rows(probe_parts, gallery_parts) -> np.ndarray:
+    """Minus the symmetric Chamfer distance of every probe (rows of ``probe_parts``) x gallery pair: probe
+    edges to the nearest gallery edge, and back."""
+    (wp, dp), (wg, dg) = probe_parts, gallery_parts
     return -0.5 * (wp @ dg.T + (wg @ dp.T).T)
+
+
+def chamfer_similarity(probe_maps: np.ndarray, gallery_maps: np.ndarray) -> np.ndarray:
+    """Minus the symmetric Chamfer distance between binary edge maps, for every probe x gallery pair."""
+    return chamfer_rows(chamfer_parts(probe_maps), chamfer_parts(gallery_maps))
 
 
 @ATTACKS.register("edge")
@@ -86,13 +92,16 @@ class EdgeMatchAttack(Attack):
     threat = "no access to the anonymizer, no training: edge maps of probe and reference compared directly"
 
     def similarity(self, ctx, probes: Sequence, gallery: Sequence):
-        import torch
-
         from anonrisk.data.io import load_batch
+        from anonrisk.evaluate.protocols import StreamedSimilarity
 
         p = self.p
         pm = edge_maps(load_batch([r.path for r in probes], ctx.image_size), p.edges, p.sigma)
         gm = edge_maps(load_batch([r.path for r in gallery], ctx.image_size), p.edges, p.sigma)
+        shape = (len(pm), len(gm))
+        # scored one block of probe rows at a time: the probes x gallery matrix never exists
         if p.score == "chamfer":
-            return torch.from_numpy(chamfer_similarity(pm, gm)).float()
-        return torch.from_numpy(ncc_features(pm, p.smooth) @ ncc_features(gm, p.smooth).T).float()
+            (wp, dp), g = chamfer_parts(pm), chamfer_parts(gm)
+            return StreamedSimilarity(lambda rows: chamfer_rows((wp[rows], dp[rows]), g), shape)
+        fp, fg = ncc_features(pm, p.smooth), ncc_features(gm, p.smooth)
+        return StreamedSimilarity(lambda rows: fp[rows] @ fg.T, shape)

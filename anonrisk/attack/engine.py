@@ -2,7 +2,7 @@
 checks the plan (``train_plan.validate_plan``) and builds the model and the engine (``torch_engine.py`` or
 ``deepspeed_engine.py``, both behind the contract in ``engine_base.py``). An engine owns the model's
 distribution, precision, backward, optimizer step and checkpoints; ``contrastive_step`` (gathered loss,
-optional GradCache) is written once against the contract.
+untiled or tiled (``train.loss_tile``), optional GradCache) is written once against the contract.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from anonrisk.attack.dist import init_process_group, local_gpu_index, world
 from anonrisk.attack.engine_base import Engine, build_model
 from anonrisk.attack.gradcache import full_batch_step, grad_cache_step, has_batchnorm
 from anonrisk.attack.losses import gathered_contrastive_loss
+from anonrisk.attack.tiled import tiled_gathered_loss
 from anonrisk.attack.train_plan import Plan, validate_plan
 from anonrisk.config.schema import TrainConfig
 
@@ -55,10 +56,17 @@ def contrastive_step(engine: Engine, anon: torch.Tensor, orig: torch.Tensor, lab
     chunk = engine.plan.chunk or n
     prepare = prepare or (lambda x, rows, side: x)
 
+    tile = engine.cfg.loss_tile
+    # the tiled loss's matmuls: fp32 in an fp32 run; in a bf16/fp16 run bf16 with fp32 accumulation on CUDA
+    # (tiled.default: the input dtype elsewhere)
+    compute_dtype = torch.float32 if engine.plan.precision == "fp32" else None
+
     def loss_fn(embs: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
-        a = torch.cat([e[: e.shape[0] // 2] for e in embs])
-        b = torch.cat([e[e.shape[0] // 2:] for e in embs])
-        return gathered_contrastive_loss(a, b, t.float(), labels)
+        a = [e[: e.shape[0] // 2] for e in embs]
+        b = [e[e.shape[0] // 2:] for e in embs]
+        if tile is not None:  # the chunks' halves as row blocks: never concatenated on one rank
+            return tiled_gathered_loss(a, b, t.float(), labels, tile=tile, compute_dtype=compute_dtype)
+        return gathered_contrastive_loss(torch.cat(a), torch.cat(b), t.float(), labels)
 
     def make(rows: slice):
         return lambda: torch.cat([prepare(anon[rows], rows, 0), prepare(orig[rows], rows, 1)])

@@ -42,6 +42,15 @@ class ContrastiveModel(nn.Module):
         return self.encoder(x), self.log_t.exp()
 
 
+def layerwise_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimizer:
+    """LARS or LAMB (``train.optimizer``) over the module's trainable parameters, biases, norm weights and
+    the log-temperature excluded from adaptation and decay (``optim.param_groups``); either engine steps it."""
+    from anonrisk.attack.optim import make_optimizer
+
+    kw = {"momentum": cfg.momentum, "trust_coefficient": cfg.trust_coefficient} if cfg.optimizer == "lars" else {}
+    return make_optimizer(cfg.optimizer, module.named_parameters(), cfg.lr, cfg.weight_decay, **kw)
+
+
 def build_model(cfg: TrainConfig) -> ContrastiveModel:
     torch.manual_seed(cfg.seed)
     return ContrastiveModel(Encoder(cfg.backbone, cfg.embed_dim, cfg.pretrained, cfg.input), cfg.temperature, cfg.learn_temperature)

@@ -84,11 +84,12 @@ class RecognizerAttack(Attack):
             return emb
 
     def similarity(self, ctx, probes, gallery):
-        import torch
-
         from anonrisk.data.io import load_batch
+        from anonrisk.evaluate.protocols import StreamedSimilarity
 
         rec = self.recognizer
         rec.check()
         p = rec.embed(load_batch([r.path for r in probes], ctx.image_size))
-        return torch.from_numpy(rec.similarity(p, self.gallery_embeddings(ctx, gallery))).float()
+        g = self.gallery_embeddings(ctx, gallery)
+        # the recognizer's own metric, one block of probe rows at a time: no probes x gallery matrix
+        return StreamedSimilarity(lambda rows: rec.similarity(p[rows], g), (len(p), len(g)))

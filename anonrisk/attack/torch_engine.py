@@ -10,8 +10,8 @@ import pickle
 import torch
 
 from anonrisk.attack.dist import barrier
-from anonrisk.attack.engine_base import DTYPES, ContrastiveModel, Engine, fp32
-from anonrisk.attack.train_plan import Plan, fused_adamw
+from anonrisk.attack.engine_base import DTYPES, ContrastiveModel, Engine, fp32, layerwise_optimizer
+from anonrisk.attack.train_plan import LAYERWISE, Plan, fused_adamw
 from anonrisk.config.schema import TrainConfig
 from anonrisk.errors import DataError
 from anonrisk.stages import atomic_path
@@ -45,7 +45,9 @@ class TorchEngine(Engine):
             sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters else "broadcast_buffers"
             self.wrapped = DDP(self.module, device_ids=ids, **{sync: not cfg.freeze_bn})
         params = [p for p in self.module.parameters() if p.requires_grad]
-        if cfg.optimizer == "sgd":
+        if cfg.optimizer in LAYERWISE:
+            self.opt = layerwise_optimizer(cfg, self.module)
+        elif cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
             fused = {"fused": True} if fused_adamw(self.device) else {}

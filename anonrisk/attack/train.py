@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import signal
 import threading
 import time
@@ -27,6 +26,7 @@ import torch
 
 from anonrisk.attack.data import IdentitySampler, PairSource, apply_augment, augment_params
 from anonrisk.attack.model import Encoder
+from anonrisk.attack.optim import LrSchedule, scale_lr
 from anonrisk.config.schema import TrainConfig
 from anonrisk.data.records import FaceRecord
 from anonrisk.errors import AnonriskError, DataError
@@ -49,12 +49,17 @@ class Preempted(AnonriskError):
         self.exit_code = 130 if signum == signal.SIGINT else self.EXIT_PREEMPTED
 
 
+def lr_schedule(cfg: TrainConfig) -> LrSchedule:
+    """Linear warmup (``train.warmup_steps``, default steps // 20) to the peak, ``train.lr`` scaled with the
+    global batch (``train.lr_scaling`` from ``train.lr_base_batch``), then cosine to 0. At the defaults it is
+    the schedule of every earlier run, bit for bit (tests/test_large_batch_training.py)."""
+    peak = scale_lr(cfg.lr, cfg.batch_size, cfg.lr_base_batch, cfg.lr_scaling)
+    warmup = max(1, cfg.steps // 20) if cfg.warmup_steps is None else cfg.warmup_steps
+    return LrSchedule(peak, cfg.steps, warmup)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    warmup = max(1, cfg.steps // 20)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr_schedule(cfg)(step)
 
 
 class StopFlag:
@@ -190,8 +195,9 @@ def _train(cfg: TrainConfig, engine, plan, pairs: PairSource, sampler: IdentityS
     with StopFlag() as stop, open(log_path, "a") if main else open("/dev/null", "w") as log_file, tqdm(
         total=cfg.steps, initial=start, desc=f"train {stage.fingerprint[-12:]}", disable=None if (progress and main) else True, leave=False
     ) as bar:
+        schedule = lr_schedule(cfg)
         for step in range(start, cfg.steps):
-            lr = lr_at(step, cfg)
+            lr = schedule(step)
             torch.manual_seed(step_seed(cfg.seed, step, 2, rank))  # randomness inside the model (drop path)
             idx = sampler(step)  # the global batch; this rank takes its slice
             anon, orig = pairs.batch(idx[mine])  # uint8; made float per chunk by prepare

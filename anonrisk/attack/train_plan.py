@@ -12,6 +12,10 @@ from anonrisk.config.schema import TrainConfig
 from anonrisk.errors import ConfigError
 
 
+#: optimizers with layer-wise trust ratios (anonrisk.attack.optim)
+LAYERWISE = ("lars", "lamb")
+
+
 @dataclass
 class Plan:
     engine: str
@@ -81,6 +85,9 @@ def deepspeed_config(cfg: TrainConfig, per_rank_batch: int, world_size: int, dev
     zero.setdefault("stage", 0)
     ds["zero_optimization"] = zero
     ds.update(train_batch_size=per_rank_batch * world_size, train_micro_batch_size_per_gpu=per_rank_batch, gradient_accumulation_steps=1)
+    if cfg.optimizer in LAYERWISE:  # anonrisk hands DeepSpeed the optimizer itself (ZeRO 0, fp32 only)
+        ds.pop("optimizer", None)
+        return _finish(ds, cfg)
     opt = dict(ds.get("optimizer", {"type": "AdamW", "params": {"torch_adam": True}}))
     opt["type"] = {"adamw": "AdamW", "sgd": "SGD"}[cfg.optimizer]
     params = {k: v for k, v in dict(opt.get("params", {})).items() if cfg.optimizer == "adamw" or k not in ("torch_adam", "betas", "eps")}
@@ -91,11 +98,27 @@ def deepspeed_config(cfg: TrainConfig, per_rank_batch: int, world_size: int, dev
         params["momentum"] = cfg.momentum
     opt["params"] = params
     ds["optimizer"] = opt
+    return _finish(ds, cfg)
+
+
+def _finish(ds: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.precision == "fp16"}
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def layerwise_refusal(cfg: TrainConfig, zero_stage: int) -> Optional[str]:
+    """Why DeepSpeed cannot step LARS/LAMB in this plan, or None. Their trust ratio needs each weight
+    tensor's own norms; ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers step flattened partitions instead
+    (DeepSpeed issue #490), so only ZeRO 0 in fp32 steps the real tensors."""
+    if cfg.optimizer not in LAYERWISE or (zero_stage == 0 and cfg.precision == "fp32"):
+        return None
+    return (f"train.optimizer={cfg.optimizer} with train.engine=deepspeed needs train.zero_stage=0 and "
+            f"train.precision=fp32 (got ZeRO {zero_stage}, {cfg.precision}): ZeRO 1-3 and DeepSpeed's half-precision "
+            "optimizers step flattened partitions, so the per-tensor trust ratio would be wrong; use train.engine=torch "
+            "(any precision) or ZeRO 0 in fp32")
 
 
 def gradcache_refusal(stage: int) -> Optional[str]:
@@ -138,6 +161,9 @@ def validate_plan(cfg: TrainConfig, device: str, world_size: int = 1, rank: int 
             f"train.batch_size={cfg.batch_size} is not divisible by the world size {world_size} "
             f"(processes launched): every rank embeds an equal share of the global batch; use a multiple of {world_size}"
         )
+    if cfg.warmup_steps is not None and cfg.warmup_steps > cfg.steps:
+        raise ConfigError(f"train.warmup_steps={cfg.warmup_steps} is more than train.steps={cfg.steps}: "
+                          "the warmup must end within the training")
     per_rank = cfg.batch_size // world_size
     chunk = cfg.grad_cache_chunk
     if chunk is not None and (chunk > per_rank or per_rank % chunk):
@@ -155,10 +181,9 @@ def validate_plan(cfg: TrainConfig, device: str, world_size: int = 1, rank: int 
         plan.zero_stage = int(plan.ds_config["zero_optimization"]["stage"])
         if plan.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage: ZeRO stage {plan.zero_stage} does not exist (0, 1, 2 or 3)")
-        if chunk is not None:
-            reason = gradcache_refusal(plan.zero_stage)
-            if reason:
-                raise ConfigError(reason)
+        reason = layerwise_refusal(cfg, plan.zero_stage) or (gradcache_refusal(plan.zero_stage) if chunk is not None else None)
+        if reason:
+            raise ConfigError(reason)
     elif cfg.zero_stage is not None or cfg.deepspeed is not None:
         raise ConfigError("train.zero_stage / train.deepspeed apply to train.engine=deepspeed only")
     return plan

@@ -78,14 +78,18 @@ class TrainedAttack(Attack):
         train_attack(cfg, anonymized, originals, ctx.image_size, ctx.train_stage, resolve_device(cfg.device), ctx.progress, ctx.on_step)
 
     def similarity(self, ctx, probes, gallery):
+        """The cosine of the encoder's embeddings, handed to the scorer as embeddings: it computes one block
+        of probe rows at a time (on the encoder's device), never the probes x gallery matrix."""
         from anonrisk.attack.embed import embed_records
         from anonrisk.attack.train import load_encoder
         from anonrisk.devices import resolve_device
+        from anonrisk.evaluate.protocols import EmbeddingSimilarity
 
         cfg = self.config(ctx)
         device = resolve_device(cfg.device)
         model = load_encoder(cfg, ctx.train_stage / "encoder.safetensors", device)
-        return embed_records(model, probes, ctx.image_size, device) @ embed_records(model, gallery, ctx.image_size, device).t()
+        p, g = (embed_records(model, r, ctx.image_size, device) for r in (probes, gallery))
+        return EmbeddingSimilarity(p, g, device)
 
 
 def as_training(records: Sequence) -> list:

@@ -111,8 +111,13 @@ class TrainConfig(Strict):
     device: str = "auto"
     seed: int = 0
     # training engine (issue 4; docs/training.md)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
+    optimizer: Literal["adamw", "sgd", "lars", "lamb"] = "adamw"  # lars/lamb: large batches (docs/large_batch.md)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd and lars
+    trust_coefficient: float = Field(0.001, gt=0.0)  # lars only: eta of the layer-wise trust ratio
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # peak lr = lr scaled by batch_size / lr_base_batch
+    lr_base_batch: int = Field(256, ge=1)  # the batch train.lr was tuned at
+    warmup_steps: Optional[int] = Field(None, ge=0)  # linear warmup; None: steps // 20 (at least 1)
+    loss_tile: Optional[int] = Field(None, ge=1)  # rows per tile of the tiled loss; None: untiled (N x N matrices)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs a GPU
     grad_cache_chunk: Optional[int] = Field(None, ge=1)  # pairs per GradCache chunk; None: the whole batch at once
     freeze_bn: bool = False  # BatchNorm on running statistics: makes GradCache chunking exact

@@ -77,6 +77,19 @@ class EmbeddingSimilarity:
         return (self.probes[torch.as_tensor(rows, device=self.device)] @ self.gallery_t).float()
 
 
+class StreamedSimilarity:
+    """A similarity given as a function of probe rows (``rows -> (len(rows), n_gallery)``, numpy or torch)
+    with its ``shape``: any pairwise score of embeddings (a recognizer's metric, the edge attack's) streams
+    through ``score_protocols`` like ``EmbeddingSimilarity``, computed by the same code one block at a time."""
+
+    def __init__(self, rows: Callable[[np.ndarray], object], shape: tuple[int, int]):
+        self.rows, self.shape = rows, (int(shape[0]), int(shape[1]))
+
+    def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        block = self.rows(rows)
+        return (block if isinstance(block, torch.Tensor) else torch.from_numpy(np.asarray(block))).float()
+
+
 def _ref_k(protocol: str, k: int) -> Optional[int]:
     return {"full-ref": None, "few-ref": k, "single-ref": 1}[protocol]
 
