@@ -69,8 +69,8 @@ def load_avg() -> list[float]:
 
 
 def same_outputs(a: Path, b: Path) -> bool:
-    names = sorted(p.name for p in (a / "images").glob("*.png"))
-    return names == sorted(p.name for p in (b / "images").glob("*.png")) and all(
+    names = sorted(str(p.relative_to(a / "images")) for p in (a / "images").rglob("*.png"))  # ids are relative paths
+    return names == sorted(str(p.relative_to(b / "images")) for p in (b / "images").rglob("*.png")) and all(
         (a / "images" / n).read_bytes() == (b / "images" / n).read_bytes() for n in names)
 
 

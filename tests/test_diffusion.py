@@ -22,26 +22,17 @@ from anonrisk.anonymize import ANONYMIZERS, build_anonymizer  # noqa: E402
 from anonrisk.anonymize.conditioning import STORE, Condition, ConditionMaps  # noqa: E402
 from anonrisk.anonymize.diffusion import DiffusionAnonymizer, derived_seed  # noqa: E402
 from anonrisk.config.loader import preset_dirs, resolve_anonymizer  # noqa: E402
-from anonrisk.data.synthetic import render_image  # noqa: E402
 from anonrisk.errors import ConfigError  # noqa: E402
+from tests.diffusion_support import one_thread, synthetic_faces  # noqa: E402,F401 (one_thread: autouse here)
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ["instance-aug", "controlnet-canny", "controlnet-depth", "controlnet-softedge", "sd-nocond", "camouflage-base",
            "camouflage-light"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread is several times faster than oversubscribing them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def faces() -> np.ndarray:
-    return np.stack([render_image(0, identity, 0, 64) for identity in range(4)])
+    return synthetic_faces(4)
 
 
 def preset(name: str, **overrides):

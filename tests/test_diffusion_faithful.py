@@ -15,25 +15,17 @@ import torch  # noqa: E402
 
 from anonrisk.anonymize import ANONYMIZERS  # noqa: E402
 from anonrisk.anonymize.instance_aug_faithful import iou  # noqa: E402
-from anonrisk.data.synthetic import render_image  # noqa: E402
 from anonrisk.errors import ConfigError  # noqa: E402
 from anonrisk.evaluate.audit import copy_fractions  # noqa: E402
+from tests.diffusion_support import one_thread, synthetic_faces  # noqa: E402,F401 (one_thread: autouse here)
 
 SEEDS = [5, 6, 7]
 BOX = (10.0, 10.0, 50.0, 54.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def faces() -> np.ndarray:
-    return np.stack([render_image(0, identity, 0, 64) for identity in range(3)])
+    return synthetic_faces(3)
 
 
 def build(kind="instance-aug-faithful", **overrides):

@@ -15,8 +15,8 @@ import torch  # noqa: E402
 
 from anonrisk.anonymize import ANONYMIZERS  # noqa: E402
 from anonrisk.anonymize import light_attributes as la  # noqa: E402
-from anonrisk.data.synthetic import render_image  # noqa: E402
 from anonrisk.errors import ConfigError, Unavailable  # noqa: E402
+from tests.diffusion_support import one_thread, synthetic_faces  # noqa: E402,F401 (one_thread: autouse here)
 
 SEEDS = [21, 22, 23]
 
@@ -37,7 +37,7 @@ def setup_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def faces() -> np.ndarray:
-    return np.stack([render_image(0, identity, 0, 64) for identity in range(3)])
+    return synthetic_faces(3)
 
 
 def light(**overrides):

@@ -21,22 +21,14 @@ import torch  # noqa: E402
 
 from anonrisk.anonymize import ANONYMIZERS  # noqa: E402
 from anonrisk.anonymize.schedulers import make_scheduler, step_seed  # noqa: E402
-from anonrisk.data.synthetic import render_image  # noqa: E402
+from tests.diffusion_support import one_thread, synthetic_faces  # noqa: E402,F401 (one_thread: autouse here)
 
 SEEDS = [11, 12]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def faces() -> np.ndarray:
-    return np.stack([render_image(0, identity, 0, 64) for identity in range(2)])
+    return synthetic_faces(2)
 
 
 def build(**params):

@@ -16,20 +16,12 @@ import torch  # noqa: E402
 from anonrisk.anonymize import ANONYMIZERS  # noqa: E402
 from anonrisk.anonymize.schedulers import SCHEDULERS, make_scheduler  # noqa: E402
 from anonrisk.anonymize.tiny import SD_SCHEDULER  # noqa: E402
-from anonrisk.data.synthetic import render_image  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.diffusion_support import one_thread, synthetic_faces  # noqa: E402,F401 (one_thread: autouse here)
 
 
 @pytest.fixture(scope="module")
 def faces() -> np.ndarray:
-    return np.stack([render_image(0, identity, 0, 64) for identity in range(4)])
+    return synthetic_faces(4)
 
 
 def canny(**overrides):

@@ -191,11 +191,19 @@ def test_only_rank_0_of_a_multi_task_training_job_logs_the_loss_curve(monkeypatc
     monkeypatch.setattr(grid_mlflow, "training_loggers", lambda grid_dir, cells, names: [logged.append(c) or Logger() for c in cells])
     left = []
     monkeypatch.setattr(dist, "leave_process_group", lambda: left.append(1))  # not this session's group
+    import torch.distributed
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # a job process: the stage makes its group
     for rank in (3, 0):
         monkeypatch.setattr(dist, "world", lambda rank=rank: (rank, 16))
         jobs.run_stage("train", cfg.model_dump(mode="json"), str(tmp_path), "cell", ["cell", "other"], "contrastive")
     assert logged == ["cell", "other"] and closed == ["log.jsonl"] * 2  # rank 3 logged nothing, rank 0 both cells
     assert len(left) == 2  # and every rank left the group together before its process exits
+    # a group the caller made before the stage (the debug executor, a test session's) is the caller's to end:
+    # destroying it broke every later DeepSpeed engine of the process ("Group ... is not registered")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    jobs.run_stage("train", cfg.model_dump(mode="json"), str(tmp_path), "cell", ["cell"], "contrastive")
+    assert len(left) == 2
 
 
 def test_dependencies_are_per_task_so_a_failure_cancels_only_its_descendants():

@@ -37,6 +37,6 @@ def test_checkpoint_and_stop_exits_75_without_a_traceback(tmp_path):
     proc.send_signal(signal.SIGUSR1)  # what the Slurm/torchrun wrappers send before a preemption
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
-    assert "Traceback" not in err and "anonrisk: training stopped by signal at step" in err and "rerun to resume" in err
+    assert "Traceback" not in err and "anonrisk: training stopped by SIGUSR1 at step" in err and "rerun to resume" in err
     assert "error:" not in err.splitlines()[-1]
     assert list((tmp_path / "runs" / "train").glob("*/checkpoints/*"))

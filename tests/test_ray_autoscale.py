@@ -122,7 +122,7 @@ def test_killed_worker_node_loses_and_duplicates_no_record(cluster, tmp_path):
         victims = descendants(raylet)
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
-        done_at_kill = len(list((stage.path / "images").glob("*.png")))
+        done_at_kill = len(list((stage.path / "images").rglob("*.png")))
         runner.join(420)
         assert not runner.is_alive() and "stage" in result, "the stage did not finish after the node was lost"
     finally:

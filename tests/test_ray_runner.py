@@ -193,7 +193,7 @@ def test_gpu_request_on_a_cpu_cluster_times_out_with_a_clear_error(ray_driver, t
     pipe = Pipeline(cfg)
     with pytest.raises(ConfigError, match=r"no Ray actor started within anonymize\.ray\.wait_for_workers_s=2 s; each needs CPU=1, GPU=1.* has CPU=2, GPU=0"):
         pipe.anonymize(pipe.cfg.anonymizers[0])
-    assert not list((tmp_path / "runs" / "anonymize").glob("*/*/images/*.png"))
+    assert not list((tmp_path / "runs" / "anonymize").glob("*/*/images/**/*.png"))
 
 
 def submit(ray_head, workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -267,7 +267,7 @@ def test_killed_actor_loses_and_duplicates_no_record(ray_driver, tmp_path):
     victim = wait_for(a_writer_with_two_outputs, 120, "an actor to write two outputs")
     os.kill(victim, signal.SIGKILL)
     pids_at_kill = {int(f.stem.rsplit("-", 1)[1]) for f in (stage.path / "log").glob("writes-*.jsonl")}
-    done_at_kill = len(list((stage.path / "images").glob("*.png")))
+    done_at_kill = len(list((stage.path / "images").rglob("*.png")))
     runner.join(300)
     assert not runner.is_alive() and "stage" in result
     assert done_at_kill < 32  # the kill landed mid-run
@@ -293,16 +293,16 @@ def test_killed_driver_rerun_redoes_only_unfinished_records(ray_head, tmp_path):
     cmd = [sys.executable, "-m", "anonrisk", "anonymize", str(path)]
     driver = subprocess.Popen(cmd + [f"anonymize.ray.address={ray_head.gcs}"], env=ray_head.env,
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"))
-    images = lambda: sorted((tmp_path / "runs" / "anonymize").glob("*/*/images/*.png"))  # noqa: E731
+    images = lambda: sorted((tmp_path / "runs" / "anonymize").glob("*/*/images/**/*.png"))  # noqa: E731
     try:
         wait_for(lambda: len(images()) >= 6, 180, "six outputs")
     finally:
         driver.kill()
         driver.wait()
-    stage_path = images()[0].parents[1]
+    stage_path = images()[0].parents[2]  # <stage>/images/<identity>/<image id>.png (ids are relative paths)
     pids = {int(f.stem.rsplit("-", 1)[1]) for f in (stage_path / "log").glob("writes-*.jsonl")}
     wait_for(lambda: not any(alive(p) for p in pids), 30, "the dead driver's actors to exit")
-    before = {p.name: p.stat().st_ino for p in images()}
+    before = {str(p.relative_to(stage_path)): p.stat().st_ino for p in images()}
     assert 6 <= len(before) < 32 and not (stage_path / "DONE").exists()
 
     tmp = tempfile.mkdtemp(prefix="anonrisk-ray-", dir="/tmp")
@@ -314,7 +314,7 @@ def test_killed_driver_rerun_redoes_only_unfinished_records(ray_head, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     summary = read_json(stage_path / "DONE")
     assert summary["computed"] == 32 - len(before)
-    assert {p.name: p.stat().st_ino for p in images() if p.name in before} == before  # not rewritten
+    assert {k: v for k, v in ((str(p.relative_to(stage_path)), p.stat().st_ino) for p in images()) if k in before} == before  # not rewritten
     assert len(images()) == 32
     counts = {}
     for w in writes(stage_path):

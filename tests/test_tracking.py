@@ -35,8 +35,14 @@ def mlflow_runs(tmp):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracking")
+    # system metrics every 0.5 s (MLflow reads the variable): a quiet machine runs a child in a few seconds
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     t0 = time.time()
-    doc = Pipeline(tiny_cfg(tmp)).run()
+    try:
+        doc = Pipeline(tiny_cfg(tmp)).run()
+    finally:
+        mp.undo()
     return tmp, doc, (t0, time.time())
 
 

@@ -65,8 +65,11 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
     if stage == "anonymize":
         return {"stage": stage, "path": str(pipe.anonymize(target).path)}
     if stage == "train":
+        import torch.distributed as dist
+
         from anonrisk.attack.dist import leave_process_group, world
 
+        had_group = dist.is_available() and dist.is_initialized()  # a caller's group (debug executor, tests) stays
         from anonrisk.tracking.steps import train_metric_names
 
         # one rank logs (16 ranks writing one run, or one sqlite file, race): live, to every cell it serves
@@ -76,7 +79,8 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
         path = pipe.train(target, attack).path  # every task of a multi-task job is one training rank
         for logger in loggers:  # the rest, and every step a reused or resumed training ran before
             logger.close(path / "log.jsonl")
-        leave_process_group()  # the job's processes exit next
+        if not had_group:
+            leave_process_group()  # the job's processes exit next
         return {"stage": stage, "path": str(path)}
     if stage == "evaluate":
         from anonrisk.stages import write_json

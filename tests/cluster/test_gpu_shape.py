@@ -71,7 +71,8 @@ def test_the_full_grids_requests_are_scheduled_as_written(slurm_cluster, tmp_pat
     from anonrisk.launch import driver
     from anonrisk.launch.grid import plan_grid
 
-    for var in ("CELEBA_ROOT", "LFW_ROOT"):
+    for var in ("CELEBA_ROOT", "LFW_ROOT"):  # planning checks that the roots are folders, not what they hold
+        (tmp_path / var.lower()).mkdir()
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     plan = plan_grid(REPO / "configs" / "grids" / "full.yaml", {"runs_dir": str(tmp_path / "runs")}, check=False)
     assert plan.profile.name == "gpu-cluster" and plan.profile.partition == "gpu"
@@ -193,8 +194,8 @@ def test_sixteen_ranks_on_two_nodes_match_one_process(slurm_cluster, mlflow_serv
     # one rank logged the loss curve: every step once
     client = mlflow.MlflowClient(mlflow_server.tracking_uri)
     child = json.loads((grid_dir / "mlflow.json").read_text())["children"]
-    run_id = next(iter(child.values()))
-    assert len(client.get_metric_history(run_id, "train.loss")) == STEPS
+    run_id = next(iter(child.values()))["run_id"]
+    assert len(client.get_metric_history(run_id, "train/loss")) == STEPS
 
     # the same cell in this process, one rank with the whole global batch
     cfg = plan_grid(grid, {"runs_dir": str(tmp_path / "ref")}, check=False).cells[0].config
