@@ -195,7 +195,7 @@ def test_only_rank_0_of_a_multi_task_training_job_logs_the_loss_curve(monkeypatc
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # a job process: the stage makes its group
     for rank in (3, 0):
-        monkeypatch.setattr(dist, "world", lambda rank=rank: (rank, 16))
+        monkeypatch.setattr(dist, "read_env", lambda rank=rank: dist.DistEnv(rank, 16, rank % 8, "127.0.0.1", 29500, "slurm"))
         jobs.run_stage("train", cfg.model_dump(mode="json"), str(tmp_path), "cell", ["cell", "other"], "contrastive")
     assert logged == ["cell", "other"] and closed == ["log.jsonl"] * 2  # rank 3 logged nothing, rank 0 both cells
     assert len(left) == 2  # and every rank left the group together before its process exits

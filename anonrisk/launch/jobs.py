@@ -67,14 +67,15 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
     if stage == "train":
         import torch.distributed as dist
 
-        from anonrisk.attack.dist import leave_process_group, world
+        from anonrisk.attack.dist import leave_process_group, read_env
 
         had_group = dist.is_available() and dist.is_initialized()  # a caller's group (debug executor, tests) stays
         from anonrisk.tracking.steps import train_metric_names
 
-        # one rank logs (16 ranks writing one run, or one sqlite file, race): live, to every cell it serves
+        # one rank logs (16 ranks writing one run, or one sqlite file, race): live, to every cell it serves.
+        # The launcher's rank: the process group does not exist yet (every rank would read rank 0 from it)
         names = train_metric_names(attack, len(target.trained()) > 1)
-        loggers = grid_mlflow.training_loggers(Path(grid_dir), cells, names) if world()[0] == 0 else []
+        loggers = grid_mlflow.training_loggers(Path(grid_dir), cells, names) if read_env().rank == 0 else []
         pipe.on_train_step = grid_mlflow.on_step(loggers)
         path = pipe.train(target, attack).path  # every task of a multi-task job is one training rank
         for logger in loggers:  # the rest, and every step a reused or resumed training ran before
