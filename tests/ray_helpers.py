@@ -105,6 +105,36 @@ def wait_for(cond, timeout: float, what: str, every: float = 0.1):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def anonymize_in_thread(pipe, spec):
+    """Start ``pipe.anonymize(spec)`` in a thread: (its stage, the thread, a dict that gets ``stage`` at the end)."""
+    import threading
+
+    stage, result = pipe.target(spec).anonymize, {}
+    runner = threading.Thread(target=lambda: result.update(stage=pipe.anonymize(spec)))
+    runner.start()
+    return stage, runner, result
+
+
+def actor_with_outputs(stage_path: Path, n: int = 2) -> int | None:
+    """The pid of an actor that has logged ``n`` output writes (its log is writes-<os.getpid()>.jsonl), or None."""
+    for f in (stage_path / "log").glob("writes-*.jsonl"):
+        if len(f.read_text().splitlines()) >= n:
+            return int(f.stem.rsplit("-", 1)[1])
+    return None
+
+
+def assert_each_record_written_once(stage, records) -> None:
+    """Manifest, output files and the actors' write logs hold every record exactly once."""
+    from anonrisk.anonymize.runner import output_path
+
+    ids = sorted(r.id for r in records)
+    assert sorted(r.id for r in read_manifest(stage / "manifest.jsonl")) == ids
+    assert all(output_path(stage.path, r).exists() for r in records)
+    counts = {}
+    for w in writes(stage.path):
+        counts[w["id"]] = counts.get(w["id"], 0) + 1
+    assert sorted(counts) == ids and set(counts.values()) == {1}, "a record was written twice or never"
+
 
 FAKE_CLUSTER_ENV = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}  # the head of a fake autoscaling cluster
 

@@ -6,10 +6,8 @@ SIGKILLed tiled + LAMB training that resumes to the uninterrupted run's weights.
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from anonrisk.attack.train_plan import validate_plan
 from anonrisk.config import load_config
 from anonrisk.config.schema import TrainConfig
 from anonrisk.errors import ConfigError
+from tests.process_helpers import sigkill_at_first_checkpoint
 
 TINY = dict(backbone="test_convnext", input="rgb", embed_dim=16, batch_size=8)
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
@@ -176,19 +175,7 @@ def test_killed_tiled_lamb_training_resumes_to_the_uninterrupted_weights(tmp_pat
     env["OMP_NUM_THREADS"] = "1"
     ref = subprocess.run(train_cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    proc = subprocess.Popen(train_cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt, deadline = None, time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "killed" / "runs" / "train").glob("*/checkpoints/last.pt"))
-        if found:
-            ckpt = found[0]
-            break
-        time.sleep(0.05)
-    assert ckpt is not None, "no checkpoint appeared"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stage = ckpt.parent.parent
-    assert not (stage / "DONE").exists()
+    stage = sigkill_at_first_checkpoint(train_cmd(tmp_path / "killed"), env, tmp_path / "killed" / "runs", timeout=240)
     resumed = subprocess.run(train_cmd(tmp_path / "killed"), env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref_stage = next((tmp_path / "ref" / "runs" / "train").glob("*/"))

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import pytest
 
 from anonrisk.config import load_config
 from anonrisk.pipeline import Pipeline
+from tests.process_helpers import sigkill_at_first_checkpoint
 
 MAIN = "full-ref/exclude-source"
 
@@ -117,20 +117,7 @@ def test_killed_training_resumes_to_the_same_model(tmp_path):
     ref = subprocess.run(_train_cmd(tmp_path / "ref"), env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
 
-    proc = subprocess.Popen(_train_cmd(tmp_path / "killed"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ckpt = None
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "killed" / "runs" / "train").glob("*/checkpoints/last.pt"))
-        if found:
-            ckpt = found[0]
-            break
-        time.sleep(0.05)
-    assert ckpt is not None, "no checkpoint appeared"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stage = ckpt.parent.parent
-    assert not (stage / "DONE").exists()
+    stage = sigkill_at_first_checkpoint(_train_cmd(tmp_path / "killed"), env, tmp_path / "killed" / "runs", timeout=120)
 
     resumed = subprocess.run(_train_cmd(tmp_path / "killed"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

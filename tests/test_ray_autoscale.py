@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from anonrisk.anonymize.runner import output_path
-from anonrisk.data.records import read_manifest
 from anonrisk.pipeline import Pipeline
 from anonrisk.stages import read_json
-from tests.ray_helpers import FAKE_CLUSTER_ENV, SLOW, alive, fake_autoscaling_config, outputs, run_config, start_head, wait_for, writes
+from tests.ray_helpers import (FAKE_CLUSTER_ENV, SLOW, actor_with_outputs, alive, anonymize_in_thread, assert_each_record_written_once,
+                               fake_autoscaling_config, outputs, run_config, start_head, wait_for)
 
 pytestmark = pytest.mark.slow
 GPU_NODES_MAX = 3
@@ -104,19 +102,8 @@ def test_killed_worker_node_loses_and_duplicates_no_record(cluster, tmp_path):
     ray.init(address=cluster.gcs, log_to_driver=False)
     try:
         pipe = Pipeline(gpu_config(tmp_path / "runs", SLOW, batch_size=1, num_workers=2))
-        spec = pipe.cfg.anonymizers[0]
-        stage = pipe.target(spec).anonymize
-        result = {}
-        runner = threading.Thread(target=lambda: result.update(stage=pipe.anonymize(spec)))
-        runner.start()
-
-        def a_writer_with_two_outputs():
-            for f in (stage.path / "log").glob("writes-*.jsonl"):
-                if len(f.read_text().splitlines()) >= 2:
-                    return int(f.stem.rsplit("-", 1)[1])  # the actor's own os.getpid()
-            return None
-
-        actor = wait_for(a_writer_with_two_outputs, 240, "an actor to write two outputs")
+        stage, runner, result = anonymize_in_thread(pipe, pipe.cfg.anonymizers[0])
+        actor = wait_for(lambda: actor_with_outputs(stage.path), 240, "an actor to write two outputs")
         raylet = raylet_of(actor)
         assert "raylet" in Path(f"/proc/{raylet}/cmdline").read_text(), "the actor's parent is not a raylet"
         victims = descendants(raylet)
@@ -129,10 +116,4 @@ def test_killed_worker_node_loses_and_duplicates_no_record(cluster, tmp_path):
         ray.shutdown()
     assert done_at_kill < 32  # the kill landed mid-stage
     assert not any(alive(p) for p in victims)
-    ids = sorted(r.id for r in pipe.records)
-    assert sorted(r.id for r in read_manifest(stage / "manifest.jsonl")) == ids
-    assert all(output_path(stage.path, r).exists() for r in pipe.records)
-    counts = {}
-    for w in writes(stage.path):
-        counts[w["id"]] = counts.get(w["id"], 0) + 1
-    assert sorted(counts) == ids and set(counts.values()) == {1}, "a record was written twice or never"
+    assert_each_record_written_once(stage, pipe.records)

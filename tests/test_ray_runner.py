@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,12 +24,12 @@ import yaml
 from anonrisk.anonymize.ray_connect import actor_device, parse_address, plan_pool
 from anonrisk.anonymize.runner import output_path
 from anonrisk.config.schema import RayConfig
-from anonrisk.data.records import read_manifest
 from anonrisk.errors import ConfigError
 from anonrisk.pipeline import Pipeline
 from anonrisk.stages import read_json
-from tests.ray_helpers import (ENV, RAY_BIN, REPO, SLOW, alive, free_port, outputs, run_config, start_head, wait_for, write_config,
-                               writes)
+from tests.ray_helpers import (ENV, RAY_BIN, REPO, SLOW, actor_with_outputs, alive, anonymize_in_thread,
+                               assert_each_record_written_once, free_port, outputs, run_config, start_head, wait_for,
+                               write_config, writes)
 
 
 @pytest.fixture(scope="module")
@@ -252,19 +251,8 @@ def test_killed_actor_loses_and_duplicates_no_record(ray_driver, tmp_path):
     written exactly once (outputs that exist are skipped)."""
     cfg = run_config(tmp_path / "runs", SLOW, batch_size=1, num_workers=2, decode="tasks")
     pipe = Pipeline(cfg)
-    spec = pipe.cfg.anonymizers[0]
-    stage = pipe.target(spec).anonymize
-    result = {}
-    runner = threading.Thread(target=lambda: result.update(stage=pipe.anonymize(spec)))
-    runner.start()
-
-    def a_writer_with_two_outputs():
-        for f in (stage.path / "log").glob("writes-*.jsonl"):
-            if len(f.read_text().splitlines()) >= 2:
-                return int(f.stem.rsplit("-", 1)[1])  # the actor's own os.getpid()
-        return None
-
-    victim = wait_for(a_writer_with_two_outputs, 120, "an actor to write two outputs")
+    stage, runner, result = anonymize_in_thread(pipe, pipe.cfg.anonymizers[0])
+    victim = wait_for(lambda: actor_with_outputs(stage.path), 120, "an actor to write two outputs")
     os.kill(victim, signal.SIGKILL)
     pids_at_kill = {int(f.stem.rsplit("-", 1)[1]) for f in (stage.path / "log").glob("writes-*.jsonl")}
     done_at_kill = len(list((stage.path / "images").rglob("*.png")))
@@ -272,13 +260,7 @@ def test_killed_actor_loses_and_duplicates_no_record(ray_driver, tmp_path):
     assert not runner.is_alive() and "stage" in result
     assert done_at_kill < 32  # the kill landed mid-run
 
-    ids = [r.id for r in pipe.records]
-    assert sorted(r.id for r in read_manifest(stage / "manifest.jsonl")) == sorted(ids)
-    assert all(output_path(stage.path, r).exists() for r in pipe.records)
-    counts = {}
-    for w in writes(stage.path):
-        counts[w["id"]] = counts.get(w["id"], 0) + 1
-    assert sorted(counts) == sorted(ids) and set(counts.values()) == {1}, "a record was written twice or never"
+    assert_each_record_written_once(stage, pipe.records)
     summary = read_json(stage / "DONE")
     assert set(summary["worker_pids"]) - pids_at_kill, "no shard finished on the restarted actor"
     assert not alive(victim)
