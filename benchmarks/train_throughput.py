@@ -214,10 +214,10 @@ def worker_memory(spec: dict) -> dict:
         _sync(device)
     except torch.OutOfMemoryError:
         return {"fits": False, "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    seconds = time.perf_counter() - t0
     if device.type == "cuda":
-        return {"fits": True, "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30, "seconds": time.perf_counter() - t0}
-    return {"fits": True, "peak_mem_gb": monitor.peak / 2**30, "peak_rss_gb": monitor.peak_rss / 2**30,
-            "seconds": time.perf_counter() - t0}
+        return {"fits": True, "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30, "seconds": seconds}
+    return {"fits": True, "peak_mem_gb": monitor.peak / 2**30, "peak_rss_gb": monitor.peak_rss / 2**30, "seconds": seconds}
 
 
 def worker_timing(spec: dict) -> dict:

@@ -31,10 +31,9 @@ def test_peak_is_the_live_allocation():
 
 
 def test_past_the_cap_the_process_stops_itself():
-    code = (f"import importlib.util, time, torch; s = importlib.util.spec_from_file_location('b', {str(SCRIPT)!r}); "
-            "b = importlib.util.module_from_spec(s); s.loader.exec_module(b); m = b.PeakMemory(32 * 2**20); "
+    code = ("import time, torch; from train_throughput import PeakMemory; m = PeakMemory(32 * 2**20); "
             "x = torch.ones(16 * 2**20); time.sleep(2); print('not stopped')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=SCRIPT.parent, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr[-500:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["fits"] is False and report["peak_mem_gb"] > 32 / 1024

@@ -68,9 +68,9 @@ def run_stage(stage: str, cell_cfg: dict, grid_dir: str, cell_id: str, cells: li
         import torch.distributed as dist
 
         from anonrisk.attack.dist import leave_process_group, read_env
+        from anonrisk.tracking.steps import train_metric_names
 
         had_group = dist.is_available() and dist.is_initialized()  # a caller's group (debug executor, tests) stays
-        from anonrisk.tracking.steps import train_metric_names
 
         # one rank logs (16 ranks writing one run, or one sqlite file, race): live, to every cell it serves.
         # The launcher's rank: the process group does not exist yet (every rank would read rank 0 from it)
