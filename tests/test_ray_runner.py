@@ -8,6 +8,7 @@ subprocesses.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -243,6 +244,12 @@ def test_job_submit_with_two_actors_equals_the_single_process_runner(ray_head, t
     assert markers == sorted(p.name for p in (local_stage / "shards").glob("*.json"))
     m = read_json(ray_stage / "shards" / markers[0])
     assert m["ids"] == read_json(local_stage / "shards" / markers[0])["ids"] and m["seconds"] > 0 and "worker" in m
+    # each actor runs one shard at a time, though Ray Data gives it prefetch_shards concurrent calls: the writes
+    # in each actor's log come shard by shard, never interleaved
+    for log_file in (ray_stage / "log").glob("writes-*.jsonl"):
+        order = [json.loads(line)["shard"] for line in log_file.read_text().splitlines()]
+        runs = [k for k, _ in itertools.groupby(order)]
+        assert len(runs) == len(set(runs)), (log_file.name, order)
 
 
 @pytest.mark.slow

@@ -157,7 +157,10 @@ def build_dataset(ray, job: AnonymizeJob, shards: list, pending: list[int], pool
     if decode_in_tasks:
         ds = ds.map_batches(decode_shard, batch_size=1, num_cpus=rc.num_cpus_per_decode, fn_kwargs={"image_size": job.image_size})
     compute = ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size, initial_size=pool.initial_size,
-                                         max_tasks_in_flight_per_actor=rc.prefetch_shards)
+                                         max_tasks_in_flight_per_actor=rc.prefetch_shards,
+                                         # the queued shards' input and output formatting overlap the running one (the
+                                         # anonymizer itself still runs one shard at a time per actor)
+                                         max_concurrent_calls_per_actor=rc.prefetch_shards)
     kwargs = {"spec": job.spec.model_dump(), "out_dir": str(stage.path.resolve()), "image_size": job.image_size, "batch_size": cfg.batch_size,
               "seed": cfg.seed, "device": cfg.device, "write_threads": cfg.write_threads}
     return ds.map_batches(ShardWorker, batch_size=1, compute=compute, num_gpus=pool.gpus or None, num_cpus=pool.cpus,
