@@ -73,7 +73,7 @@ def train_few_steps(overrides, rank=0, world=1, steps=3):
 
 
 def main(mode, out):
-    from anonrisk.attack.dist import init_process_group, read_env
+    from anonrisk.attack.dist import init_process_group, leave_process_group, read_env
 
     env = init_process_group(always=True)
     if mode == "loss":
@@ -82,12 +82,7 @@ def main(mode, out):
         result = {name: train_few_steps(o, env.rank, env.world_size) for name, o in ENGINES.items()}
         result["env"] = read_env().__dict__
     torch.save(result, f"{out}.{env.rank}.pt")
-    import torch.distributed as dist
-
-    # leave together: a rank exiting with the group alive while another still talks to it aborts
-    # ("terminate called without an active exception")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()  # both ranks together: one exiting with the group alive can abort the other
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def global_embeddings():
 
 
 def main(out):
-    from anonrisk.attack.dist import init_process_group
+    from anonrisk.attack.dist import init_process_group, leave_process_group
     from anonrisk.attack.tiled import tiled_gathered_loss
 
     env = init_process_group(always=True)
@@ -34,6 +34,7 @@ def main(out):
         loss.backward()
         result[name] = {"loss": loss.item(), "grad_a": a.grad, "grad_b": b.grad, "grad_t": t.grad}
     torch.save(result, f"{out}.{env.rank}.pt")
+    leave_process_group()  # both ranks together: one exiting with the group alive can abort the other
 
 
 if __name__ == "__main__":
