@@ -9,8 +9,8 @@ also actor start and model setup, the decode tasks and the dispatch). Ray itself
 (``ray.init``, in-process, and one untimed Ray Data run for its helper actors) before the timed calls, as a
 cluster is started once for many stages. The runs are interleaved (local, ray x1, ray x2, local, ...)
 ``--reps`` times; the best and the median are reported, so that load from other processes on the machine
-hits every variant alike. Steady state is the rate between the first and the last shard marker. Outputs of every Ray run are compared with
-the local run's, byte for byte.
+hits every variant alike. Steady state is each worker's rate between its first and its last shard marker,
+summed over the workers. Outputs of every Ray run are compared with the local run's, byte for byte.
 
 The model of larger clusters: with the measured Ray overhead per shard ``o`` (s), per-record overhead and
 one worker's throughput ``r`` (img/s), a shard of ``S`` records costs ``S/r + o`` on a worker, so N workers
@@ -308,8 +308,8 @@ def write(doc: dict, out: Path) -> None:
              "Written by `benchmarks/anonymize_scaling.py`. Interleaved repetitions; `best` is the fastest (least "
              "disturbed by other load), the median beside it. Each timed call includes actor start and model setup "
              "(Ray itself started once before) and a freshly built anonymizer. `vs local` = local seconds / these "
-             "seconds (same run, same load); `after ready` starts when the first actor is ready; `steady` is the rate from the "
-             "first shard marker to the last (see below).", "",
+             "seconds (same run, same load); `after ready` starts when the first actor is ready; `steady` is each worker's rate "
+             "from its first shard marker to its last (see below).", "",
              f"{doc['when']}; {doc['host']}; Ray {doc['ray_version']} (ray.init {doc['ray_init_seconds']:.1f} s, untimed); "
              f"load average after the run {doc['load_average_after']}. {doc['contention']}.", ""]
     load = doc["load_average_after"][0] if doc["load_average_after"] else 0.0
